@@ -1,0 +1,202 @@
+"""One typed settings object, built once at the edge and passed down.
+
+Every setting has a type, a default, an environment variable (``MAILGATE_<NAME>``) and
+a description; ``mailgate config show`` prints the effective values with secrets
+masked. Precedence, strongest first: explicit overrides (CLI flags), environment,
+TOML file given with ``--config``, defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from mailgate.errors import ConfigError
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:25`` for IPv6) into its parts.
+
+    Raises:
+        ConfigError: the value is not ``host:port`` with a port in 0..65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected host:port, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration. Field descriptions are the documentation."""
+
+    model_config = SettingsConfigDict(env_prefix="MAILGATE_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(
+        Path(".mailgate"), description="Folder for the SQLite database and the blob store."
+    )
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL. Empty means sqlite:///<data_dir>/mailgate.db. "
+        "PostgreSQL: postgresql+psycopg://user:pass@host/db.",
+    )
+    blob_dir: Path | None = Field(
+        None, description="Content-addressed blob folder; empty means <data_dir>/blobs."
+    )
+    http_listen: str = Field("127.0.0.1:8025", description="HTTP API address, host:port.")
+    smtp_listen: str = Field("127.0.0.1:2525", description="SMTP ingress address, host:port.")
+    agent_domain: str = Field(
+        "agents.localhost", description="Domain of addresses given to new agents."
+    )
+    smtp_hostname: str = Field(
+        "mailgate.localhost", description="Name the SMTP server gives in its banner and EHLO."
+    )
+    max_message_size: int = Field(
+        25 * 1024 * 1024,
+        gt=0,
+        description="Largest message accepted, in bytes; advertised as SMTP SIZE, "
+        "refused with 552 / HTTP 413 beyond it.",
+    )
+    smtp_max_recipients: int = Field(100, gt=0, description="RCPT TO accepted per transaction.")
+    smtp_tls_cert: Path | None = Field(None, description="PEM certificate; enables STARTTLS.")
+    smtp_tls_key: Path | None = Field(None, description="PEM private key for smtp_tls_cert.")
+    smtp_require_tls: bool = Field(False, description="Refuse MAIL FROM before STARTTLS.")
+    smtp_timeout: float = Field(300.0, gt=0, description="Idle seconds before a client is cut.")
+    ingest_batch_max: int = Field(
+        64, gt=0, description="Most messages committed in one group commit (one fsync)."
+    )
+    max_header_bytes: int = Field(
+        256 * 1024,
+        gt=0,
+        description="Headers longer than this are stored raw but not decoded (parser trap guard).",
+    )
+    max_mime_parts: int = Field(
+        500, gt=0, description="MIME parts walked per message; the rest is recorded as a defect."
+    )
+    thread_window_days: float = Field(
+        14.0, gt=0, description="How far back the subject+participants thread fallback looks."
+    )
+    feed_lease_seconds: float = Field(
+        30.0, gt=0, description="Default lease when GET /v1/events gives none."
+    )
+    feed_max_lease_seconds: float = Field(
+        3600.0, gt=0, description="Longest lease a consumer may ask for."
+    )
+    feed_max_wait_seconds: float = Field(
+        30.0, ge=0, description="Longest long-poll a consumer may ask for."
+    )
+    feed_max_limit: int = Field(100, gt=0, description="Most events one pull may lease.")
+    feed_max_deliveries: int = Field(
+        5, gt=0, description="Deliveries before an event is dead-lettered for its consumer."
+    )
+    feed_poll_interval: float = Field(
+        0.5, gt=0, description="Long-poll re-check interval (catches writes by other processes)."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="How long SIGTERM waits for in-flight SMTP transactions."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+    database_password: SecretStr | None = Field(
+        None, description="Password merged into database_url (keeps it out of the URL)."
+    )
+
+    @field_validator("http_listen", "smtp_listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.smtp_tls_cert is None) != (self.smtp_tls_key is None):
+            raise ValueError("smtp_tls_cert and smtp_tls_key must be given together")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL with defaults applied (and the password merged in)."""
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir / 'mailgate.db').resolve()}"
+        if self.database_password is None:
+            return self.database_url
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url).set(
+            password=self.database_password.get_secret_value()
+        )
+        return url.render_as_string(hide_password=False)
+
+    @property
+    def effective_blob_dir(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return parse_listen(self.http_listen)
+
+    @property
+    def smtp_address(self) -> tuple[str, int]:
+        return parse_listen(self.smtp_listen)
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings for display: passwords and secrets replaced by ``***``."""
+        from sqlalchemy.engine import make_url
+
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        out["database_url"] = make_url(self.effective_database_url).render_as_string(
+            hide_password=True
+        )
+        out["blob_dir"] = str(self.effective_blob_dir)
+        return out
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from defaults, an optional TOML file, the environment and
+    explicit overrides (strongest).
+
+    Raises:
+        ConfigError: the file is missing or a value is invalid.
+    """
+    from pydantic import ValidationError
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        if config_file is None:
+            return Settings(**overrides)
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        toml_path = config_file
+
+        class FileSettings(Settings):
+            @classmethod
+            def settings_customise_sources(
+                cls,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                env_settings: PydanticBaseSettingsSource,
+                dotenv_settings: PydanticBaseSettingsSource,
+                file_secret_settings: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return (
+                    init_settings,
+                    env_settings,
+                    TomlConfigSettingsSource(settings_cls, toml_file=toml_path),
+                )
+
+        return FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from exc

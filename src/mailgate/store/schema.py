@@ -1,0 +1,286 @@
+"""The one schema for SQLite and PostgreSQL (SQLAlchemy Core).
+
+Alembic migrations in ``migrations/versions`` are snapshots of this module; change
+both together (``alembic revision --autogenerate`` drafts the migration).
+
+Conventions: public string ids (``ids.new_id``) for everything an API returns;
+an integer ``seq`` where order matters (feed, pagination); times are UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# INTEGER PRIMARY KEY is SQLite's rowid alias (autoincrementing, cheap); BIGINT elsewhere.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite has no timezone type).
+
+    Stored naive-UTC so SQLite's text comparison orders correctly.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to UtcDateTime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC)
+
+
+def _id(name: str = "id") -> Column[str]:
+    return Column(name, String(40), primary_key=True)
+
+
+def _fk(target: str, *, nullable: bool = False, name: str | None = None) -> Column[str]:
+    col = name or target.split(".")[0].rstrip("s") + "_id"
+    return Column(col, String(40), ForeignKey(target, ondelete="CASCADE"), nullable=nullable)
+
+
+def _created() -> Column[datetime]:
+    return Column("created_at", UtcDateTime(), nullable=False)
+
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    _id(),
+    Column("name", String(200), nullable=False),
+    _created(),
+)
+
+owners = Table(
+    "owners",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    Column("name", String(200), nullable=False),
+    Column("email", String(320)),
+    _created(),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    Column("name", String(200), nullable=False),
+    _created(),
+    UniqueConstraint("workspace_id", "name"),
+)
+
+agent_addresses = Table(
+    "agent_addresses",
+    metadata,
+    Column("address", String(320), primary_key=True),  # lower-cased
+    _fk("agents.id"),
+    _fk("workspaces.id"),
+    _created(),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    _fk("owners.id", nullable=True),
+    _fk("agents.id", nullable=True),
+    Column("kind", String(10), nullable=False),  # owner | agent
+    Column("name", String(200), nullable=False),
+    Column("secret_hash", String(64), nullable=False),  # sha256 hex of the secret part
+    Column("scopes", JSON, nullable=False),
+    _created(),
+    Column("revoked_at", UtcDateTime()),
+)
+
+threads = Table(
+    "threads",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    _fk("agents.id"),
+    Column("subject", Text, nullable=False),
+    Column("subject_key", String(64), nullable=False),  # hash of the normalised subject
+    Column("participants", JSON, nullable=False),  # sorted lower-cased addresses
+    Column("message_count", Integer, nullable=False),
+    Column("first_message_at", UtcDateTime(), nullable=False),
+    Column("last_message_at", UtcDateTime(), nullable=False),
+    Index(None, "agent_id", "subject_key", "last_message_at"),
+    Index(None, "agent_id", "last_message_at"),
+)
+
+# Every Message-ID seen by an agent (own ids and those in References) -> its thread,
+# so replies join a thread even when the message they answer never reached us.
+thread_refs = Table(
+    "thread_refs",
+    metadata,
+    _fk("agents.id"),
+    Column("ref_key", String(64), nullable=False),  # sha256 of the Message-ID
+    _fk("threads.id"),
+    UniqueConstraint("agent_id", "ref_key"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    _fk("workspaces.id"),
+    _fk("agents.id"),
+    _fk("threads.id"),
+    Column("direction", String(10), nullable=False),  # inbound | outbound
+    Column("folder", String(20), nullable=False),
+    Column("source", String(20), nullable=False),  # smtp | webhook:<provider> | api
+    Column("dedup_key", String(64), nullable=False),  # sha256(Message-ID, raw sha256)
+    Column("rfc_message_id", Text, nullable=False),
+    Column("message_id_generated", Boolean, nullable=False),
+    Column("raw_sha256", String(64), nullable=False),
+    Column("raw_size", BigInteger, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("from_addr", JSON, nullable=False),  # [{"name", "address"}]
+    Column("to_addrs", JSON, nullable=False),
+    Column("cc_addrs", JSON, nullable=False),
+    Column("reply_to", JSON, nullable=False),
+    Column("sent_date", UtcDateTime()),
+    Column("in_reply_to", Text),
+    Column("references", JSON, nullable=False),
+    Column("text_body", Text),
+    Column("html_body", Text),
+    Column("preview", String(300), nullable=False),
+    Column("defects", JSON, nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("mail_from", String(1000)),
+    Column("rcpt_to", String(320)),
+    Column("client_address", String(100)),
+    Column("helo", String(300)),
+    Column("received_at", UtcDateTime(), nullable=False),
+    UniqueConstraint("agent_id", "dedup_key"),
+    Index(None, "agent_id", "folder", "seq"),
+    Index(None, "thread_id", "seq"),
+    Index(None, "workspace_id", "seq"),
+)
+
+attachments = Table(
+    "attachments",
+    metadata,
+    _id(),
+    Column(
+        "message_id", String(40), ForeignKey("messages.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("position", Integer, nullable=False),
+    Column("filename", Text),
+    Column("content_type", String(255), nullable=False),
+    Column("disposition", String(20)),
+    Column("content_id", Text),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Index(None, "message_id"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    _fk("workspaces.id"),
+    _fk("agents.id", nullable=True),
+    Column("type", String(60), nullable=False),
+    Column("thread_id", String(40)),
+    Column("payload", JSON, nullable=False),
+    _created(),
+    Index(None, "agent_id", "seq"),
+    Index(None, "workspace_id", "seq"),
+)
+
+# A named subscription. scope is an agent id (agent keys) or "*" (the whole workspace,
+# owner keys); each consumer materialises deliveries past its cursor as it pulls.
+consumers = Table(
+    "consumers",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    Column("scope", String(40), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("cursor_seq", BigInteger, nullable=False),
+    _created(),
+    UniqueConstraint("workspace_id", "scope", "name"),
+)
+
+# One row per (consumer, event): SQS-style visibility. A pending row is deliverable
+# once visible_at has passed; leasing pushes visible_at forward, so an expired lease
+# redelivers with no sweeper.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column(
+        "consumer_id",
+        String(40),
+        ForeignKey("consumers.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("event_seq", BigInteger, primary_key=True),
+    Column("event_id", String(40), nullable=False),
+    Column("order_key", String(40), nullable=False),  # thread id, else the event id
+    Column("state", String(10), nullable=False),  # pending | acked | dead
+    Column("delivery_count", Integer, nullable=False),
+    Column("visible_at", UtcDateTime(), nullable=False),
+    Column("leased", Boolean, nullable=False),
+    Column("last_delivered_at", UtcDateTime()),
+    Column("finished_at", UtcDateTime()),
+    Index(None, "consumer_id", "state", "visible_at"),
+    Index(None, "consumer_id", "order_key", "event_seq"),
+    Index(None, "consumer_id", "event_id"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("workspace_id", String(40)),
+    Column("actor", String(100), nullable=False),  # owner:<id> | agent:<id> | cli | system
+    Column("action", String(60), nullable=False),
+    Column("target_type", String(40)),
+    Column("target_id", String(40)),
+    Column("detail", JSON, nullable=False),
+    _created(),
+    Index(None, "workspace_id", "seq"),
+)
