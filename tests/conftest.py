@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mailgate.config import Settings, load_settings
+from mailgate.runtime import Runtime
 from mailgate.store import migrate
 from mailgate.store.db import Database
 
@@ -104,3 +106,33 @@ def db(settings: Settings) -> Iterator[Database]:
     database = Database(settings.effective_database_url)
     yield database
     database.dispose()
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Runtime]:
+    """The whole service graph on this test's database (group commit on, as in serve)."""
+    rt = Runtime.build(settings)
+    yield rt
+    rt.close()
+
+
+@dataclass(frozen=True)
+class AgentHandle:
+    """A workspace with one agent, and the keys to act as either."""
+
+    workspace_id: str
+    owner_key: str
+    agent_id: str
+    address: str
+    agent_key: str
+
+
+def make_agent(runtime: Runtime, name: str = "support bot", workspace: str = "acme") -> AgentHandle:
+    ws = runtime.tenancy.create_workspace(workspace)
+    agent = runtime.tenancy.create_agent(ws.workspace_id, name)
+    return AgentHandle(ws.workspace_id, ws.owner_api_key, agent.agent_id, agent.address, agent.api_key)
+
+
+@pytest.fixture
+def agent(runtime: Runtime) -> AgentHandle:
+    return make_agent(runtime)

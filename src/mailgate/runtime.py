@@ -1,0 +1,85 @@
+"""The composition root: build every service once from the settings.
+
+Edges (the HTTP app, the SMTP server, the CLI) receive a :class:`Runtime` and call its
+services; nothing reads settings or opens databases on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from mailgate.clock import Clock, SystemClock
+from mailgate.config import Settings
+from mailgate.domain.mime import ParseLimits
+from mailgate.services.feed import FeedNotifier, FeedService
+from mailgate.services.ingest import IngestService
+from mailgate.services.queries import QueryService
+from mailgate.services.tenancy import TenancyService
+from mailgate.store.blobs import BlobStore, LocalBlobStore
+from mailgate.store.committer import Committer, DirectCommitter, GroupCommitter
+from mailgate.store.db import Database
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    blobs: BlobStore
+    clock: Clock
+    notifier: FeedNotifier
+    committer: Committer
+    tenancy: TenancyService
+    ingest: IngestService
+    feed: FeedService
+    queries: QueryService
+    _closers: list[object] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        group_commit: bool = True,
+        blobs: BlobStore | None = None,
+    ) -> Runtime:
+        """Wire everything. ``group_commit=False`` commits in the caller's thread (CLI)."""
+        clock = clock or SystemClock()
+        db = Database(settings.effective_database_url)
+        blob_store = blobs or LocalBlobStore(settings.effective_blob_dir)
+        notifier = FeedNotifier()
+        committer: Committer
+        if group_commit:
+            committer = GroupCommitter(
+                db, max_batch=settings.ingest_batch_max, on_commit=notifier.notify
+            )
+        else:
+            committer = DirectCommitter(db, on_commit=notifier.notify)
+        limits = ParseLimits(
+            max_header_bytes=settings.max_header_bytes, max_parts=settings.max_mime_parts
+        )
+        return cls(
+            settings=settings,
+            db=db,
+            blobs=blob_store,
+            clock=clock,
+            notifier=notifier,
+            committer=committer,
+            tenancy=TenancyService(db, clock, settings.agent_domain),
+            ingest=IngestService(
+                committer,
+                blob_store,
+                clock,
+                limits=limits,
+                thread_window=timedelta(days=settings.thread_window_days),
+            ),
+            feed=FeedService(db, settings, clock, notifier),
+            queries=QueryService(db, blob_store),
+        )
+
+    def close(self) -> None:
+        """Drain queued writes, then release the database."""
+        if isinstance(self.committer, GroupCommitter):
+            self.committer.stop()
+        self.db.dispose()
