@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import Protocol
 
@@ -55,7 +56,7 @@ class LocalBlobStore:
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             _fsync_dir(folder.parent)
-        tmp = folder / f".{digest}.{os.getpid()}.{id(data)}.tmp"
+        tmp = folder / f".{digest}.{secrets.token_hex(8)}.tmp"  # unique per writer
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             view = memoryview(data)

@@ -1,0 +1,273 @@
+"""The ``mailgate`` command line: thin commands over the same services as the API.
+
+Every command talks to the database named by the settings, so administration works
+with or without a running server. With ``--json`` a command prints exactly one JSON
+object on stdout (errors too, as ``{"error": {...}}``, with a non-zero exit code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from mailgate.config import Settings, load_settings
+from mailgate.errors import MailgateError
+from mailgate.runtime import Runtime
+from mailgate.store import migrate as migrations
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+workspace_app = typer.Typer(no_args_is_help=True, help="Workspaces (tenants).")
+agent_app = typer.Typer(no_args_is_help=True, help="Agents and their addresses.")
+key_app = typer.Typer(no_args_is_help=True, help="API keys.")
+config_app = typer.Typer(no_args_is_help=True, help="Configuration.")
+app.add_typer(workspace_app, name="workspace")
+app.add_typer(agent_app, name="agent")
+app.add_typer(key_app, name="key")
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+T = TypeVar("T")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+class _State:
+    config_file: Path | None = None
+
+
+_state = _State()
+
+
+@app.callback()
+def _main(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with settings.", exists=False)
+    ] = None,
+) -> None:
+    _state.config_file = config
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(_state.config_file, **overrides)
+
+
+def _fail(exc: MailgateError, as_json: bool) -> None:
+    if as_json:
+        payload = {"error": {"code": exc.code, "detail": exc.detail, **exc.extra}}
+        typer.echo(json.dumps(payload, default=str))
+    else:
+        err.print(f"[red]error[/red] ({exc.code}): {exc.detail}")
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _runtime(as_json: bool = False, *, check_migrated: bool = True) -> Iterator[Runtime]:
+    """A runtime for one command; errors become a clean message and exit code 1."""
+    runtime: Runtime | None = None
+    try:
+        runtime = Runtime.build(_settings(), group_commit=False)
+        if check_migrated:
+            migrations.ensure_migrated(runtime.db)
+        yield runtime
+    except MailgateError as exc:
+        _fail(exc, as_json)
+    finally:
+        if runtime is not None:
+            runtime.close()
+
+
+def _emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None]) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload, default=str))
+    else:
+        human()
+
+
+# -- serve / migrate / config ------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    http: Annotated[str | None, typer.Option(help="HTTP address host:port.")] = None,
+    smtp: Annotated[str | None, typer.Option(help="SMTP address host:port.")] = None,
+    migrate: Annotated[bool, typer.Option(help="Upgrade the database first.")] = False,
+) -> None:
+    """Run the gateway: HTTP API, SMTP ingress and background workers in one process."""
+    from mailgate.server import serve as run_server
+
+    try:
+        settings = _settings(http_listen=http, smtp_listen=smtp)
+    except MailgateError as exc:
+        _fail(exc, False)
+        return
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    runtime = Runtime.build(settings)
+    try:
+        if migrate:
+            migrations.upgrade(runtime.db)
+        migrations.ensure_migrated(runtime.db)
+    except MailgateError as exc:
+        runtime.close()
+        _fail(exc, False)
+
+    def ready() -> None:
+        err.print(
+            f"[green]mailgate[/green] HTTP http://{settings.http_listen}  "
+            f"SMTP smtp://{settings.smtp_listen}  database {settings.masked()['database_url']}"
+        )
+
+    asyncio.run(
+        run_server(runtime, http=settings.http_address, smtp=settings.smtp_address, on_ready=ready)
+    )
+
+
+@app.command()
+def migrate(as_json: JsonFlag = False) -> None:
+    """Upgrade the database to the current schema (idempotent)."""
+    with _runtime(as_json, check_migrated=False) as runtime:
+        before = migrations.current_revision(runtime.db)
+        after = migrations.upgrade(runtime.db)
+        _emit(
+            as_json,
+            {"from_revision": before, "revision": after},
+            lambda: err.print(f"database at revision {after} (was {before or 'empty'})"),
+        )
+
+
+@config_app.command("show")
+def config_show(as_json: JsonFlag = False) -> None:
+    """Print the effective settings, secrets masked."""
+    try:
+        values = _settings().masked()
+    except MailgateError as exc:
+        _fail(exc, as_json)
+        return
+    if as_json:
+        typer.echo(json.dumps(values, default=str))
+        return
+    from rich.table import Table
+
+    table = Table("setting", "env", "value", "description")
+    for name, value in values.items():
+        field = Settings.model_fields[name]
+        table.add_row(name, f"MAILGATE_{name.upper()}", str(value), field.description or "")
+    Console().print(table)
+
+
+# -- tenancy ---------------------------------------------------------------------------
+
+
+@workspace_app.command("create")
+def workspace_create(name: str, as_json: JsonFlag = False) -> None:
+    """Create a workspace with its first owner and owner key (shown once)."""
+    with _runtime(as_json) as runtime:
+        created = runtime.tenancy.create_workspace(name)
+        _emit(
+            as_json,
+            asdict(created),
+            lambda: _show_secret(
+                f"workspace {created.workspace_id} ({created.name})",
+                "owner key",
+                created.owner_api_key,
+            ),
+        )
+
+
+@agent_app.command("create")
+def agent_create(
+    name: str,
+    workspace: Annotated[str | None, typer.Option(help="Workspace id or name.")] = None,
+    address: Annotated[str | None, typer.Option(help="Local part of the address.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an agent with its address and an agent key (shown once)."""
+    with _runtime(as_json) as runtime:
+        ws_id = runtime.tenancy.resolve_workspace(workspace)
+        created = runtime.tenancy.create_agent(ws_id, name, local_part=address)
+        payload = asdict(created)
+        payload["scopes"] = list(created.scopes)
+        _emit(
+            as_json,
+            payload,
+            lambda: _show_secret(
+                f"agent {created.agent_id} <{created.address}>", "agent key", created.api_key
+            ),
+        )
+
+
+@key_app.command("create")
+def key_create(
+    workspace: Annotated[str | None, typer.Option(help="Workspace id or name.")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent id: makes an agent key.")] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option(help="Agent key scope (repeatable); default all.")
+    ] = None,
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an owner key (no --agent) or an agent key."""
+    with _runtime(as_json) as runtime:
+        ws_id = runtime.tenancy.resolve_workspace(workspace)
+        created = runtime.tenancy.create_key(
+            ws_id, agent_id=agent, scopes=tuple(scope) if scope else None, name=name
+        )
+        payload = asdict(created)
+        payload["scopes"] = list(created.scopes)
+        _emit(
+            as_json,
+            payload,
+            lambda: _show_secret(f"{created.kind} key {created.key_id}", "key", created.api_key),
+        )
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str, as_json: JsonFlag = False) -> None:
+    """Revoke a key; requests with it get 401 from now on."""
+    with _runtime(as_json) as runtime:
+        runtime.tenancy.revoke_key(key_id)
+        _emit(
+            as_json,
+            {"key_id": key_id, "revoked": True},
+            lambda: err.print(f"key {key_id} revoked"),
+        )
+
+
+def _show_secret(what: str, label: str, secret: str) -> None:
+    err.print(f"created {what}")
+    err.print(f"{label} (shown once, store it now):")
+    typer.echo(secret)
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step.")] = 15.0,
+) -> None:
+    """Walk a message through a running gateway: agent → SMTP → feed → ack."""
+    from mailgate.demo import run_demo
+
+    try:
+        ok = run_demo(_settings(), timeout=timeout, console=Console())
+    except MailgateError as exc:
+        _fail(exc, False)
+        return
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console script shim
+    sys.exit(app())

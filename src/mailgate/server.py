@@ -1,0 +1,89 @@
+"""``mailgate serve``: HTTP, SMTP and background work in one process, on one event loop.
+
+Shutdown order on SIGTERM/SIGINT: stop accepting SMTP connections and let in-flight
+DATA transactions finish (they are the ones a sender is waiting on), let uvicorn finish
+in-flight HTTP requests, then drain the group committer and close the database, so
+nothing acknowledged is lost and nothing accepted is left half-done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Generator
+
+import uvicorn
+
+from mailgate.api.app import create_app
+from mailgate.ingress.smtp import SmtpIngress
+from mailgate.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the gateway owns shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def serve(
+    runtime: Runtime,
+    *,
+    http: tuple[str, int],
+    smtp: tuple[str, int],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    settings = runtime.settings
+    grace = settings.shutdown_grace_seconds
+    config = uvicorn.Config(
+        create_app(runtime),
+        host=http[0],
+        port=http[1],
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=int(grace) or None,
+        lifespan="on",
+    )
+    web = _EmbeddedUvicorn(config)
+    ingress = SmtpIngress(runtime)
+    await ingress.start(*smtp)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    web_task = asyncio.create_task(web.serve(), name="http")
+
+    async def _announce() -> None:
+        while not web.started and not web_task.done():
+            await asyncio.sleep(0.02)
+        if web.started:
+            log.info(
+                "mailgate ready: http://%s:%d smtp://%s:%d", *http[:1], http[1], smtp[0], ingress.port
+            )
+            if on_ready is not None:
+                on_ready()
+
+    announce = asyncio.create_task(_announce())
+    stop_task = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({web_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        log.info("mailgate shutting down")
+        announce.cancel()
+        stop_task.cancel()
+        await ingress.stop(grace)
+        web.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await web_task
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await asyncio.to_thread(runtime.close)
+        log.info("mailgate stopped")

@@ -1,0 +1,176 @@
+"""Ingest service: storage, dedup, threading and events, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import func, select
+
+from mailgate.runtime import Runtime
+from mailgate.services.ingest import Envelope
+from mailgate.services.tenancy import Recipient
+from mailgate.store.schema import attachments, events, messages, threads
+from mailgate.testing import build_message
+from tests.conftest import AgentHandle, make_agent
+
+ENVELOPE = Envelope(mail_from="alice@example.com", client_address="127.0.0.1", helo="client.example")
+
+
+def _recipient(runtime: Runtime, agent: AgentHandle) -> list[Recipient]:
+    found = runtime.tenancy.resolve_recipient(agent.address)
+    assert found is not None
+    return [found]
+
+
+def _count(runtime: Runtime, table: object, **where: str) -> int:
+    with runtime.db.read() as conn:
+        query = select(func.count()).select_from(table)  # type: ignore[arg-type]
+        for column, value in where.items():
+            query = query.where(getattr(table, "c")[column] == value)
+        return int(conn.execute(query).scalar_one())
+
+
+def test_a_message_is_stored_verbatim_with_its_envelope_and_one_event(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    raw = build_message(to=agent.address, attachments=[("a.txt", "text/plain", b"hello")])
+    [stored] = runtime.ingest.ingest(raw, ENVELOPE, _recipient(runtime, agent))
+    assert not stored.duplicate
+    with runtime.db.read() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == stored.message_id)).one()
+        event = conn.execute(select(events)).one()
+    assert runtime.blobs.get(row.raw_sha256) == raw
+    assert (row.mail_from, row.rcpt_to, row.client_address, row.helo) == (
+        "alice@example.com",
+        agent.address,
+        "127.0.0.1",
+        "client.example",
+    )
+    assert row.folder == "inbox" and not row.message_id_generated
+    assert event.type == "message.received"
+    assert event.payload["message_id"] == stored.message_id
+    assert event.payload["thread_id"] == stored.thread_id
+    assert event.payload["from"]["address"] == "alice@example.com"
+    assert _count(runtime, attachments, message_id=stored.message_id) == 1
+
+
+def test_the_same_message_delivered_again_is_stored_once_and_reported_as_duplicate(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    raw = build_message(to=agent.address)
+    first = runtime.ingest.ingest(raw, ENVELOPE, _recipient(runtime, agent))
+    second = runtime.ingest.ingest(raw, ENVELOPE, _recipient(runtime, agent))
+    assert second[0].duplicate and second[0].message_id == first[0].message_id
+    assert _count(runtime, messages) == 1
+    assert _count(runtime, events) == 1
+
+
+def test_same_message_id_with_different_bytes_is_a_different_message(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    one = build_message(to=agent.address, message_id="same@example.com", body="one\n")
+    two = build_message(to=agent.address, message_id="same@example.com", body="two\n")
+    runtime.ingest.ingest(one, ENVELOPE, _recipient(runtime, agent))
+    runtime.ingest.ingest(two, ENVELOPE, _recipient(runtime, agent))
+    assert _count(runtime, messages) == 2
+
+
+def test_concurrent_copies_of_one_message_are_stored_once(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    raw = build_message(to=agent.address)
+    rcpt = _recipient(runtime, agent)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: runtime.ingest.ingest(raw, ENVELOPE, rcpt), range(16)))
+    ids = {r[0].message_id for r in results}
+    assert len(ids) == 1
+    assert sum(not r[0].duplicate for r in results) == 1
+    assert _count(runtime, messages) == 1
+
+
+def test_a_message_without_message_id_gets_a_generated_one_that_still_dedups(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    raw = build_message(to=agent.address, message_id=None)
+    [first] = runtime.ingest.ingest(raw, ENVELOPE, _recipient(runtime, agent))
+    [again] = runtime.ingest.ingest(raw, ENVELOPE, _recipient(runtime, agent))
+    assert again.duplicate
+    with runtime.db.read() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == first.message_id)).one()
+    assert row.message_id_generated
+    assert row.rfc_message_id.endswith("@mailgate.invalid")
+
+
+def test_one_message_to_two_agents_is_stored_once_per_agent(runtime: Runtime) -> None:
+    a = make_agent(runtime, "alpha", "ws-a")
+    b = make_agent(runtime, "beta", "ws-b")
+    raw = build_message(to=f"{a.address}, {b.address}")
+    rcpts = _recipient(runtime, a) + _recipient(runtime, b)
+    stored = runtime.ingest.ingest(raw, ENVELOPE, rcpts)
+    assert {s.agent_id for s in stored} == {a.agent_id, b.agent_id}
+    assert _count(runtime, messages, agent_id=a.agent_id) == 1
+    assert _count(runtime, messages, agent_id=b.agent_id) == 1
+    assert _count(runtime, events) == 2
+
+
+def test_replies_join_the_thread_of_the_message_they_answer(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    rcpt = _recipient(runtime, agent)
+    root = build_message(to=agent.address, message_id="root@example.com", subject="Plan")
+    reply = build_message(
+        to=agent.address,
+        message_id="reply@example.com",
+        subject="Re: Plan",
+        in_reply_to="root@example.com",
+        references=["root@example.com"],
+    )
+    [first] = runtime.ingest.ingest(root, ENVELOPE, rcpt)
+    [second] = runtime.ingest.ingest(reply, ENVELOPE, rcpt)
+    assert second.thread_id == first.thread_id
+    assert second.thread_reason == "own-message-id" or second.thread_reason == "in-reply-to"
+    with runtime.db.read() as conn:
+        count = conn.execute(
+            select(threads.c.message_count).where(threads.c.id == first.thread_id)
+        ).scalar_one()
+    assert count == 2
+
+
+def test_two_replies_to_a_parent_we_never_received_share_a_thread(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    rcpt = _recipient(runtime, agent)
+    one = build_message(
+        to=agent.address, subject="Topic A", in_reply_to="lost@x", references=["lost@x"]
+    )
+    two = build_message(
+        to=agent.address,
+        sender="Bob <bob@example.net>",
+        subject="Different words",
+        in_reply_to="lost@x",
+        references=["lost@x"],
+    )
+    [a] = runtime.ingest.ingest(one, ENVELOPE, rcpt)
+    [b] = runtime.ingest.ingest(two, ENVELOPE, rcpt)
+    assert a.thread_id == b.thread_id
+
+
+def test_a_reply_without_references_threads_by_subject_and_participant(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    rcpt = _recipient(runtime, agent)
+    [first] = runtime.ingest.ingest(
+        build_message(to=agent.address, subject="Quarterly numbers"), ENVELOPE, rcpt
+    )
+    [same_person] = runtime.ingest.ingest(
+        build_message(to=agent.address, subject="RE: Quarterly numbers"), ENVELOPE, rcpt
+    )
+    [stranger] = runtime.ingest.ingest(
+        build_message(
+            to=agent.address, sender="eve@elsewhere.example", subject="Re: Quarterly numbers"
+        ),
+        ENVELOPE,
+        rcpt,
+    )
+    assert same_person.thread_id == first.thread_id and same_person.thread_reason == "subject"
+    assert stranger.thread_id != first.thread_id
