@@ -130,7 +130,9 @@ class AgentHandle:
 def make_agent(runtime: Runtime, name: str = "support bot", workspace: str = "acme") -> AgentHandle:
     ws = runtime.tenancy.create_workspace(workspace)
     agent = runtime.tenancy.create_agent(ws.workspace_id, name)
-    return AgentHandle(ws.workspace_id, ws.owner_api_key, agent.agent_id, agent.address, agent.api_key)
+    return AgentHandle(
+        ws.workspace_id, ws.owner_api_key, agent.agent_id, agent.address, agent.api_key
+    )
 
 
 @pytest.fixture

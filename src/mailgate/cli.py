@@ -66,7 +66,7 @@ def _fail(exc: MailgateError, as_json: bool) -> None:
         payload = {"error": {"code": exc.code, "detail": exc.detail, **exc.extra}}
         typer.echo(json.dumps(payload, default=str))
     else:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.detail}")
+        err.print(f"[red]error[/red] ({exc.code}): {exc.detail}", soft_wrap=True)
     raise typer.Exit(1)
 
 

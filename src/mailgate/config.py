@@ -128,9 +128,7 @@ class Settings(BaseSettings):
             return self.database_url
         from sqlalchemy.engine import make_url
 
-        url = make_url(self.database_url).set(
-            password=self.database_password.get_secret_value()
-        )
+        url = make_url(self.database_url).set(password=self.database_password.get_secret_value())
         return url.render_as_string(hide_password=False)
 
     @property

@@ -100,7 +100,11 @@ def run_demo(settings: Settings, *, timeout: float, console: Console) -> bool:
             )
         )
 
-        ack = http.post("/v1/events/ack", json={"event_ids": [event["event_id"]], "consumer": "demo"}, headers=auth)
+        ack = http.post(
+            "/v1/events/ack",
+            json={"event_ids": [event["event_id"]], "consumer": "demo"},
+            headers=auth,
+        )
         ack.raise_for_status()
         console.print(f"[bold]6.[/bold] acked: {ack.json()}")
 

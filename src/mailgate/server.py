@@ -66,7 +66,11 @@ async def serve(
             await asyncio.sleep(0.02)
         if web.started:
             log.info(
-                "mailgate ready: http://%s:%d smtp://%s:%d", *http[:1], http[1], smtp[0], ingress.port
+                "mailgate ready: http://%s:%d smtp://%s:%d",
+                *http[:1],
+                http[1],
+                smtp[0],
+                ingress.port,
             )
             if on_ready is not None:
                 on_ready()

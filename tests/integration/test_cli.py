@@ -67,7 +67,9 @@ def test_config_show_masks_the_database_password(
     assert shown["smtp_listen"] == "127.0.0.1:2525"
 
 
-def test_commands_refuse_an_unmigrated_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commands_refuse_an_unmigrated_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MAILGATE_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("MAILGATE_DATABASE_URL", raising=False)
     result = CliRunner().invoke(app, ["workspace", "create", "acme", "--json"])

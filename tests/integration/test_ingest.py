@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 
 from mailgate.runtime import Runtime
 from mailgate.services.ingest import Envelope
@@ -13,7 +13,9 @@ from mailgate.store.schema import attachments, events, messages, threads
 from mailgate.testing import build_message
 from tests.conftest import AgentHandle, make_agent
 
-ENVELOPE = Envelope(mail_from="alice@example.com", client_address="127.0.0.1", helo="client.example")
+ENVELOPE = Envelope(
+    mail_from="alice@example.com", client_address="127.0.0.1", helo="client.example"
+)
 
 
 def _recipient(runtime: Runtime, agent: AgentHandle) -> list[Recipient]:
@@ -22,11 +24,11 @@ def _recipient(runtime: Runtime, agent: AgentHandle) -> list[Recipient]:
     return [found]
 
 
-def _count(runtime: Runtime, table: object, **where: str) -> int:
+def _count(runtime: Runtime, table: Table, **where: str) -> int:
     with runtime.db.read() as conn:
-        query = select(func.count()).select_from(table)  # type: ignore[arg-type]
+        query = select(func.count()).select_from(table)
         for column, value in where.items():
-            query = query.where(getattr(table, "c")[column] == value)
+            query = query.where(table.c[column] == value)
         return int(conn.execute(query).scalar_one())
 
 

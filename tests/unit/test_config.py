@@ -34,9 +34,7 @@ def test_environment_beats_the_toml_file_and_overrides_beat_both(
 
 
 def test_passwords_are_masked_when_shown() -> None:
-    settings = load_settings(
-        database_url="postgresql+psycopg://mail:hunter2@db.internal/mailgate"
-    )
+    settings = load_settings(database_url="postgresql+psycopg://mail:hunter2@db.internal/mailgate")
     shown = settings.masked()
     assert "hunter2" not in str(shown)
     assert shown["database_url"] == "postgresql+psycopg://mail:***@db.internal/mailgate"

@@ -26,7 +26,9 @@ from mailgate.domain.threads import (
         ("", ""),
     ],
 )
-def test_reply_prefixes_and_list_tags_are_stripped_from_subjects(subject: str, expected: str) -> None:
+def test_reply_prefixes_and_list_tags_are_stripped_from_subjects(
+    subject: str, expected: str
+) -> None:
     assert normalize_subject(subject) == expected
 
 

@@ -106,14 +106,18 @@ class IngestService:
     ) -> list[Stored]:
         """Store ``raw`` for every recipient agent; returns once durable."""
         prepared = self.prepare(raw)
-        return self.committer.submit(lambda conn: self.store(conn, prepared, envelope, recipients)).result()
+        return self.committer.submit(
+            lambda conn: self.store(conn, prepared, envelope, recipients)
+        ).result()
 
     async def ingest_async(
         self, raw: bytes, envelope: Envelope, recipients: Sequence[Recipient]
     ) -> list[Stored]:
         """As :meth:`ingest`, without blocking the event loop."""
         prepared = await asyncio.to_thread(self.prepare, raw)
-        future = self.committer.submit(lambda conn: self.store(conn, prepared, envelope, recipients))
+        future = self.committer.submit(
+            lambda conn: self.store(conn, prepared, envelope, recipients)
+        )
         return await asyncio.wrap_future(future)
 
     def store(

@@ -254,7 +254,9 @@ class TenancyService:
                     conn, workspace_id, key_id, secret, "agent", agent_id=agent_id,
                     scopes=valid, name=name,
                 )  # fmt: skip
-                result = KeyCreated(key_id, workspace_id, "agent", secret.token, agent_id, None, valid)
+                result = KeyCreated(
+                    key_id, workspace_id, "agent", secret.token, agent_id, None, valid
+                )
             else:
                 owner_id = conn.execute(
                     select(owners.c.id)
@@ -272,7 +274,9 @@ class TenancyService:
             )  # fmt: skip
         return result
 
-    def revoke_key(self, key_id: str, *, workspace_id: str | None = None, actor: str = "cli") -> None:
+    def revoke_key(
+        self, key_id: str, *, workspace_id: str | None = None, actor: str = "cli"
+    ) -> None:
         """Revoke a key at once (the next request with it gets ``401``). Idempotent.
 
         Raises:
@@ -306,8 +310,10 @@ class TenancyService:
         key_id, secret = keys.split_token(token)
         with self.db.read() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
-        if row is None or row.revoked_at is not None or not keys.secret_matches(
-            secret, row.secret_hash
+        if (
+            row is None
+            or row.revoked_at is not None
+            or not keys.secret_matches(secret, row.secret_hash)
         ):
             raise Unauthorized("unknown or revoked API key")
         return Principal(
@@ -350,7 +356,10 @@ class TenancyService:
 
     @staticmethod
     def _require_workspace(conn: Connection, workspace_id: str) -> None:
-        if conn.execute(select(workspaces.c.id).where(workspaces.c.id == workspace_id)).first() is None:
+        if (
+            conn.execute(select(workspaces.c.id).where(workspaces.c.id == workspace_id)).first()
+            is None
+        ):
             raise NotFound(f"no workspace {workspace_id}")
 
 

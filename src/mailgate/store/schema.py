@@ -202,9 +202,7 @@ attachments = Table(
     "attachments",
     metadata,
     _id(),
-    Column(
-        "message_id", String(40), ForeignKey("messages.id", ondelete="CASCADE"), nullable=False
-    ),
+    Column("message_id", String(40), ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
     Column("position", Integer, nullable=False),
     Column("filename", Text),
     Column("content_type", String(255), nullable=False),
