@@ -1,0 +1,30 @@
+"""The HTTP application: one FastAPI app over one :class:`~mailgate.runtime.Runtime`.
+
+The app holds no state of its own beyond the runtime it is given (on ``app.state``), so
+tests build it in process over a real database and any number of gateway processes
+can serve the same store.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from fastapi import FastAPI
+
+from mailgate.api import errors, v1
+from mailgate.runtime import Runtime
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The app serving the native API (``/v1``) and the health probes."""
+    app = FastAPI(
+        title="mailgate",
+        version=version("mailgate"),
+        description="Self-hostable email gateway for AI agents. Errors are "
+        "`application/problem+json` with a stable `code`.",
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    app.include_router(v1.router)
+    app.include_router(v1.ops)
+    return app
