@@ -219,6 +219,9 @@ class IngestService:
                 raw_size=prepared.raw_size,
                 subject=parsed.subject,
                 from_addr=[a.as_dict() for a in parsed.from_],
+                from_address=(parsed.from_[0].address.lower()[:320] or None)
+                if parsed.from_
+                else None,
                 to_addrs=to,
                 cc_addrs=cc,
                 reply_to=[a.as_dict() for a in parsed.reply_to],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,10 +23,8 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from sqlalchemy import (
     ColumnElement,
     Row,
-    String,
     Table,
     and_,
-    cast,
     false,
     func,
     or_,
@@ -432,17 +429,8 @@ def _visible(principal: Principal, table: Table) -> ColumnElement[bool]:
 
 
 def _from_matches(address: str) -> ColumnElement[bool]:
-    """Case-insensitive exact match on any address in the header ``From`` list.
-
-    ``from_addr`` is a JSON list written by ``json.dumps`` on both backends (PostgreSQL's
-    ``JSON`` keeps the text as given), so the JSON text of ``"address": "<addr>"`` appears
-    in it iff some From address equals ``<addr>``; lower-casing both sides makes it
-    case-insensitive for ASCII addresses. Portable, but a scan within the caller's scope:
-    a dedicated lower-cased, indexed column would make this an index lookup.
-    """
-    needle = json.dumps({"address": address.strip().lower()})[1:-1]  # "address": "<addr>"
-    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return func.lower(cast(messages.c.from_addr, String)).like(f"%{escaped}%", escape="\\")
+    """Exact, case-insensitive match on the first ``From`` address (an indexed column)."""
+    return messages.c.from_address == address.strip().lower()
 
 
 def _as_utc(moment: datetime) -> datetime:

@@ -6,6 +6,7 @@ start on a database that is behind (unless ``--migrate``).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -26,8 +27,16 @@ def _config(db: Database) -> Config:
     return cfg
 
 
-def head_revision(db: Database) -> str | None:
-    return ScriptDirectory.from_config(_config(db)).get_current_head()
+def head_revision(db: Database | None = None) -> str | None:
+    """The newest revision the code knows (read once: scripts do not change at run time)."""
+    return _head()
+
+
+@functools.cache
+def _head() -> str | None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_SCRIPTS))
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 def current_revision(db: Database) -> str | None:
@@ -48,7 +57,7 @@ def ensure_migrated(db: Database) -> None:
     """Raises:
     DatabaseNotMigrated: the database is empty or behind the code's schema.
     """
-    current, head = current_revision(db), head_revision(db)
+    current, head = current_revision(db), head_revision()
     if current != head:
         where = "empty" if current is None else f"at revision {current}"
         raise DatabaseNotMigrated(

@@ -145,6 +145,7 @@ threads = Table(
     Column("last_message_at", UtcDateTime(), nullable=False),
     Index(None, "agent_id", "subject_key", "last_message_at"),
     Index(None, "agent_id", "last_message_at"),
+    Index(None, "workspace_id", "last_message_at"),
 )
 
 # Every Message-ID seen by an agent (own ids and those in References) -> its thread,
@@ -176,6 +177,7 @@ messages = Table(
     Column("raw_size", BigInteger, nullable=False),
     Column("subject", Text, nullable=False),
     Column("from_addr", JSON, nullable=False),  # [{"name", "address"}]
+    Column("from_address", String(320)),  # first From address, lower-cased: the filter key
     Column("to_addrs", JSON, nullable=False),
     Column("cc_addrs", JSON, nullable=False),
     Column("reply_to", JSON, nullable=False),
@@ -196,6 +198,8 @@ messages = Table(
     Index(None, "agent_id", "folder", "seq"),
     Index(None, "thread_id", "seq"),
     Index(None, "workspace_id", "seq"),
+    Index(None, "agent_id", "from_address", "seq"),
+    Index(None, "workspace_id", "from_address", "seq"),
 )
 
 attachments = Table(
