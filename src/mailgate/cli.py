@@ -113,6 +113,9 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # aiosmtpd logs every SMTP command at INFO on "mail.log": noise, and CPU on the hot path.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # readyz checks the revision
     runtime = Runtime.build(settings)
     try:
         if migrate:
