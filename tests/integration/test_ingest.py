@@ -176,3 +176,23 @@ def test_a_reply_without_references_threads_by_subject_and_participant(
     )
     assert same_person.thread_id == first.thread_id and same_person.thread_reason == "subject"
     assert stranger.thread_id != first.thread_id
+
+
+def test_copies_racing_through_two_gateway_processes_are_stored_once(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    """Two runtimes on one database stand for two nodes: each has its own engine and
+    committer, so only the unique index can settle the race."""
+    other = Runtime.build(runtime.settings)
+    try:
+        raw = build_message(to=agent.address)
+        rcpt = _recipient(runtime, agent)
+        nodes = [runtime, other] * 6
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            results = list(pool.map(lambda rt: rt.ingest.ingest(raw, ENVELOPE, rcpt), nodes))
+    finally:
+        other.close()
+    assert len({r[0].message_id for r in results}) == 1
+    assert sum(not r[0].duplicate for r in results) == 1
+    assert _count(runtime, messages) == 1
+    assert _count(runtime, events) == 1
