@@ -1,0 +1,109 @@
+"""``python -m bench`` (``make bench``): run the matrix and the RSS check, print tables.
+
+Everything is bounded: each cell has a timeout, the whole run has a cap, and every
+server subprocess is stopped in a ``finally`` (Ctrl-C and SIGTERM included). Server
+logs and databases live in a temporary folder that is removed afterwards, or kept
+(and named) when something failed or ``--keep`` was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from bench import report
+from bench.procs import BenchError
+from bench.rss import RssResult
+from bench.rss import measure as measure_rss
+from bench.runner import FULL, QUICK, run_matrix
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke test")
+    parser.add_argument("--repeats", type=int, help="runs per cell (median is reported)")
+    parser.add_argument(
+        "--sqlite-mode",
+        choices=["thread", "inline"],
+        default="thread",
+        help="SQLite sink commits on a writer thread (default) or inside its event loop",
+    )
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS check")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="where to write results (default bench/results/latest.json, quick.json)",
+    )
+    parser.add_argument("--time-cap", type=float, help="abort after this many seconds")
+    parser.add_argument("--keep", action="store_true", help="keep server logs and databases")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    return parser.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace, console: Console, workdir: Path) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    plan = QUICK if args.quick else FULL
+    plan = dataclasses.replace(plan, sqlite_mode=args.sqlite_mode)
+    if args.repeats:
+        plan = dataclasses.replace(plan, repeats=args.repeats)
+    if args.no_rss:
+        plan = dataclasses.replace(plan, rss_limit=None)
+    cap = args.time_cap or (180.0 if args.quick else 600.0)
+    info = report.machine(workdir)
+    started = time.perf_counter()
+
+    progress = Console(stderr=True, log_path=False).log  # stdout stays the report alone
+
+    async with asyncio.timeout(cap):
+        result = await run_matrix(plan, workdir, progress)
+        rss: RssResult | None = None
+        if plan.rss_limit is not None:
+            progress("measuring peak RSS")
+            rss = await measure_rss(workdir, plan.rss_limit)
+    wall = time.perf_counter() - started
+    report.render(console, info, result, rss, wall)
+    out = args.json or RESULTS / ("quick.json" if args.quick else "latest.json")
+    report.write_json(out, report.to_json(info, result, rss, wall))
+    console.print(f"results written to {out}")
+    _, ok = report.verdict(result)
+    missed = ok is False or (rss is not None and not rss.passed)
+    return 1 if args.strict and missed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    workdir = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
+    keep = args.keep
+    try:
+        return asyncio.run(_main(args, console, workdir))
+    except (BenchError, TimeoutError) as exc:
+        keep = True
+        console.print(f"[red]bench failed[/red]: {exc or 'time cap reached'}")
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM cancelling _main
+        keep = True
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+    finally:
+        if keep:
+            console.print(f"server logs and databases kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
