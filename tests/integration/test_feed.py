@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
 from mailgate.clock import FakeClock
 from mailgate.config import Settings, load_settings
 from mailgate.errors import ValidationFailed
 from mailgate.ids import new_id
+from mailgate.services import feed as feed_module
 from mailgate.services.events import append_event
 from mailgate.services.feed import (
     MATERIALISE_BATCH,
@@ -30,7 +31,7 @@ from mailgate.services.feed import (
     LeasedEvent,
 )
 from mailgate.store.db import Database
-from mailgate.store.schema import agents, consumers, deliveries, workspaces
+from mailgate.store.schema import agents, consumers, deliveries, events, workspaces
 
 LEASE = 30.0
 
@@ -369,6 +370,55 @@ def test_dead_letters_page_with_a_cursor_across_consumers(
     assert len(feed.dead_letters(ws, consumer="a", scope=agt).items) == 3
 
 
+# -- materialising on demand -----------------------------------------------------------
+
+
+def test_a_deep_backlog_is_materialised_only_as_far_as_pulls_need(
+    feed: FeedService, db: Database, clock: FakeClock, ws_agent: tuple[str, str]
+) -> None:
+    ws, agt = ws_agent
+    append(db, clock, ws, agt, count=MATERIALISE_BATCH * 3)
+
+    for _ in range(3):
+        feed.lease(ws, agt, "w", limit=100, lease_seconds=LEASE)
+
+    with db.read() as conn:
+        made = conn.execute(select(func.count()).select_from(deliveries)).scalar_one()
+    assert made == MATERIALISE_BATCH
+
+
+def test_a_thread_queued_deeper_than_the_pending_cap_holds_back_newer_events(
+    feed: FeedService,
+    db: Database,
+    clock: FakeClock,
+    ws_agent: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feed_module, "MAX_PENDING_ROWS", 3)
+    monkeypatch.setattr(feed_module, "MATERIALISE_BATCH", 3)
+    ws, agt = ws_agent
+    deep = append(db, clock, ws, agt, count=4, thread="thr_deep")
+    (newer,) = append(db, clock, ws, agt)
+
+    assert ids(feed.lease(ws, agt, "w", limit=10, lease_seconds=LEASE)) == deep[:1]
+    assert feed.lease(ws, agt, "w", limit=10, lease_seconds=LEASE) == []  # capped
+    feed.ack(ws, agt, "w", deep[:1])
+    assert ids(feed.lease(ws, agt, "w", limit=10, lease_seconds=LEASE)) == [deep[1], newer]
+
+
+def test_an_event_deleted_under_its_delivery_is_finished_and_unblocks_its_thread(
+    feed: FeedService, db: Database, clock: FakeClock, ws_agent: tuple[str, str]
+) -> None:
+    ws, agt = ws_agent
+    first, second = append(db, clock, ws, agt, count=2, thread="thr_1")
+    feed.lease(ws, agt, "w", limit=10, lease_seconds=LEASE)
+    with db.write() as conn:
+        conn.execute(delete(events).where(events.c.id == first))
+    clock.advance(LEASE)
+
+    assert ids(feed.lease(ws, agt, "w", limit=10, lease_seconds=LEASE)) == [second]
+
+
 # -- ordering and isolation ------------------------------------------------------------
 
 
@@ -608,7 +658,8 @@ def test_concurrent_pullers_on_one_consumer_get_every_event_exactly_once(
     last_of_thread: dict[str, str] = {}
     with db.write() as conn:
         for n in range(total):
-            thread = f"thr_{n % 10}" if n % 2 == 0 else None  # 250 events in 5 threads
+            # 250 events in 5 threads, two of a thread adjacent so one batch could hold both
+            thread = f"thr_{(n // 4) % 5}" if n % 2 == 0 else None
             event_id = append_event(
                 conn,
                 workspace_id=ws,
@@ -694,16 +745,14 @@ def test_an_event_that_commits_after_a_later_one_is_not_skipped(
     agt = insert_agent(db, clock, ws)
     with db.engine.connect() as slow:
         transaction = slow.begin()
-        (early,) = [
-            append_event(
-                slow,
-                workspace_id=ws,
-                agent_id=agt,
-                type="message.received",
-                payload={},
-                created_at=clock.now(),
-            )
-        ]  # holds the lower seq, not committed yet
+        early = append_event(  # takes the lower seq, but does not commit yet
+            slow,
+            workspace_id=ws,
+            agent_id=agt,
+            type="message.received",
+            payload={},
+            created_at=clock.now(),
+        )
         (late,) = append(db, clock, ws, agt)
 
         assert ids(feed.lease(ws, agt, "w", limit=10, lease_seconds=LEASE)) == [late]

@@ -52,8 +52,11 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    ColumnElement,
     Connection,
     Select,
+    any_,
+    cast,
     exists,
     false,
     func,
@@ -63,6 +66,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from mailgate.clock import Clock
@@ -75,6 +79,7 @@ from mailgate.store.schema import UtcDateTime, consumers, deliveries, events
 __all__ = [
     "MATERIALISE_BATCH",
     "MAX_IDS_PER_CALL",
+    "MAX_PENDING_ROWS",
     "WORKSPACE_SCOPE",
     "AckResult",
     "DeadLetter",
@@ -93,6 +98,11 @@ WORKSPACE_SCOPE = "*"
 
 MATERIALISE_BATCH = 500
 """Most delivery rows one lease creates; bounds the work a single pull can trigger."""
+
+MAX_PENDING_ROWS = 5000
+"""Materialising pauses while a consumer has this many pending rows. Each pull's
+queries are linear in the pending set, so this bounds their cost; the price is that a
+single thread queued deeper than this holds back newer events until it drains."""
 
 MAX_IDS_PER_CALL = 1000
 """Most event ids one ack / nack / extend / redrive accepts."""
@@ -317,6 +327,10 @@ class FeedService:
         dead-lettered instead of leased, which unblocks the next event of their
         thread in the same call. An empty list means nothing is deliverable now.
 
+        New delivery rows are made only when the existing ones cannot fill the batch
+        (and fewer than ``MAX_PENDING_ROWS`` are pending), so the cost of a pull
+        follows what is in flight, not the length of the backlog.
+
         Raises:
             ValidationFailed: bad consumer name, scope, limit or lease_seconds.
         """
@@ -326,7 +340,7 @@ class FeedService:
         with self._db.write() as conn:
             consumer_id = self._claim_consumer(conn, workspace_id, scope, consumer, now)
             leased = self._lease_rows(conn, consumer_id, now, expires, limit)
-            if len(leased) < limit:
+            if len(leased) < limit and self._has_room(conn, consumer_id):
                 row = self._lock_consumer(conn, consumer_id)
                 if row is not None and self._materialise(conn, row, workspace_id, scope, now):
                     leased += self._lease_rows(conn, consumer_id, now, expires, limit - len(leased))
@@ -662,6 +676,18 @@ class FeedService:
             return str(made)
         return str(conn.execute(select(consumers.c.id).where(key)).scalar_one())
 
+    def _has_room(self, conn: Connection, consumer_id: str) -> bool:
+        """Whether the consumer has fewer than ``MAX_PENDING_ROWS`` pending rows
+        (counts at most that many, so it costs no more than the cap)."""
+        capped = (
+            select(literal(1))
+            .where(deliveries.c.consumer_id == consumer_id, deliveries.c.state == PENDING)
+            .limit(MAX_PENDING_ROWS)
+            .subquery()
+        )
+        pending = conn.execute(select(func.count()).select_from(capped)).scalar_one()
+        return int(pending) < MAX_PENDING_ROWS
+
     def _lock_consumer(self, conn: Connection, consumer_id: str) -> _Consumer | None:
         """The consumer row, locked for materialising; None if another puller holds it.
 
@@ -783,33 +809,39 @@ class FeedService:
     def _deliverable(self, consumer_id: str, now: datetime, limit: int) -> Select[Any]:
         """Heads of their order keys that are pending and visible, oldest first.
 
-        ``floor`` (the lowest pending seq) bounds the "is anything ahead of me" probe
-        to the live part of each thread; without it the probe walks the thread's whole
-        acked history. It is a sub-select of the same statement, so it sees the same
-        snapshot as the rows it filters.
+        A head is the lowest pending seq of its order key, found with one GROUP BY
+        over the pending rows: linear in the pending set, where a per-row "is anything
+        ahead of me" probe would walk each thread's rows once per candidate. The
+        aggregate is a sub-select of the same statement, so it sees the same snapshot
+        as the rows it filters.
         """
         d = deliveries.alias("d")
-        ahead = deliveries.alias("ahead")
-        low = deliveries.alias("low")
-        floor = (
-            select(func.min(low.c.event_seq))
-            .where(low.c.consumer_id == consumer_id, low.c.state == PENDING)
-            .scalar_subquery()
+        p = deliveries.alias("p")
+        heads = (
+            select(func.min(p.c.event_seq).label("seq"))
+            .where(p.c.consumer_id == consumer_id, p.c.state == PENDING)
+            .group_by(p.c.order_key)
         )
-        blocked = exists().where(
-            ahead.c.consumer_id == d.c.consumer_id,
-            ahead.c.order_key == d.c.order_key,
-            ahead.c.event_seq >= floor,
-            ahead.c.event_seq < d.c.event_seq,
-            ahead.c.state == PENDING,
-        )
+        is_head: ColumnElement[bool]
+        if self._db.is_sqlite:
+            # SQLite evaluates an uncorrelated IN (sub-select) once into a temp index.
+            is_head = d.c.event_seq.in_(heads)
+        else:
+            # ``= ANY(<one array>)``: PostgreSQL computes the heads once (an InitPlan)
+            # and probes the primary key for each; an IN (sub-select) may instead be
+            # planned as a nested loop that re-scans the aggregate per row, which is
+            # what it picks on a table that has not been analysed yet.
+            head_seqs = heads.subquery()
+            one_array = select(func.array_agg(head_seqs.c.seq)).scalar_subquery()
+            # The cast makes it a scalar operand: bare ANY (SELECT ...) means "any row".
+            is_head = d.c.event_seq == any_(cast(one_array, ARRAY(BigInteger())))
         query = (
             select(d.c.event_seq, d.c.delivery_count)
             .where(
                 d.c.consumer_id == consumer_id,
                 d.c.state == PENDING,
                 d.c.visible_at <= now,
-                ~blocked,
+                is_head,
             )
             .order_by(d.c.event_seq)
             .limit(limit)
