@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(
         None, description="Content-addressed blob folder; empty means <data_dir>/blobs."
     )
+    blob_inline_max: int = Field(
+        128 * 1024,
+        ge=0,
+        description="Blobs up to this many bytes are stored in the database, committed "
+        "with their message; larger ones are files in blob_dir. 0 keeps every blob a file.",
+    )
     http_listen: str = Field("127.0.0.1:8025", description="HTTP API address, host:port.")
     smtp_listen: str = Field("127.0.0.1:2525", description="SMTP ingress address, host:port.")
     agent_domain: str = Field(

@@ -16,7 +16,7 @@ from mailgate.services.feed import FeedNotifier, FeedService
 from mailgate.services.ingest import IngestService
 from mailgate.services.queries import QueryService
 from mailgate.services.tenancy import TenancyService
-from mailgate.store.blobs import BlobStore, LocalBlobStore
+from mailgate.store.blobs import BlobStore, LocalBlobStore, TieredBlobStore
 from mailgate.store.committer import Committer, DirectCommitter, GroupCommitter
 from mailgate.store.db import Database
 
@@ -25,7 +25,7 @@ from mailgate.store.db import Database
 class Runtime:
     settings: Settings
     db: Database
-    blobs: BlobStore
+    blobs: TieredBlobStore
     clock: Clock
     notifier: FeedNotifier
     committer: Committer
@@ -42,12 +42,15 @@ class Runtime:
         *,
         clock: Clock | None = None,
         group_commit: bool = True,
-        blobs: BlobStore | None = None,
+        files: BlobStore | None = None,
     ) -> Runtime:
-        """Wire everything. ``group_commit=False`` commits in the caller's thread (CLI)."""
+        """Wire everything. ``group_commit=False`` commits in the caller's thread (CLI);
+        ``files`` replaces the local folder as the large-blob tier."""
         clock = clock or SystemClock()
         db = Database(settings.effective_database_url)
-        blob_store = blobs or LocalBlobStore(settings.effective_blob_dir)
+        blob_store = TieredBlobStore(
+            db, files or LocalBlobStore(settings.effective_blob_dir), settings.blob_inline_max
+        )
         notifier = FeedNotifier()
         committer: Committer
         if group_commit:

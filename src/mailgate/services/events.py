@@ -27,14 +27,18 @@ def append_event(
     """Insert one event; returns its public id. Deliveries are made lazily per consumer."""
     event_id = new_id("evt")
     conn.execute(
-        events.insert().values(
-            id=event_id,
-            workspace_id=workspace_id,
-            agent_id=agent_id,
-            type=type,
-            thread_id=thread_id,
-            payload=payload,
-            created_at=created_at,
-        )
+        _INSERT_EVENT,
+        {
+            "id": event_id,
+            "workspace_id": workspace_id,
+            "agent_id": agent_id,
+            "type": type,
+            "thread_id": thread_id,
+            "payload": payload,
+            "created_at": created_at,
+        },
     )
     return event_id
+
+
+_INSERT_EVENT = events.insert()

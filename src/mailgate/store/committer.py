@@ -2,9 +2,9 @@
 
 SMTP must not answer ``250`` before the message is durable, and an fsync per message
 caps throughput at the disk's sync rate. The :class:`GroupCommitter` runs queued jobs
-back to back in one write transaction, each inside its own SAVEPOINT (a failing job
-rolls back alone and gets its exception), commits once, and only then resolves every
-job's future. Callers still wait for durability; they just share the fsync.
+back to back in one write transaction, commits once, and only then resolves every
+job's future. If a job fails, the batch is rolled back and run again with each job in
+its own SAVEPOINT, so a failing job rolls back alone and gets its exception. Callers still wait for durability; they just share the fsync.
 
 :class:`DirectCommitter` has the same port and runs each job in its own transaction in
 the caller's thread: for the CLI, tests and one-off tools.
@@ -108,22 +108,38 @@ class GroupCommitter:
                 self._commit(batch)
 
     def _commit(self, batch: list[tuple[Job, Future[Any]]]) -> None:
+        live = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        # Optimistic first: the whole batch in one transaction with no savepoints (two
+        # statements per job saved). Jobs are functions of the connection alone, so if
+        # one fails, the rolled-back batch can simply run again with each job isolated.
+        try:
+            with self.db.write() as conn:
+                results = [job(conn) for job, _ in live]
+        except Exception:
+            self._commit_isolated(live)
+            return
+        for (_, future), result in zip(live, results, strict=True):
+            future.set_result(result)
+        if self.on_commit is not None:
+            self.on_commit()
+
+    def _commit_isolated(self, live: list[tuple[Job, Future[Any]]]) -> None:
+        """Each job in its own SAVEPOINT: a failing job rolls back alone."""
         outcomes: list[tuple[Future[Any], bool, Any]] = []
         try:
             with self.db.write() as conn:
-                for job, future in batch:
-                    if not future.set_running_or_notify_cancel():
-                        continue
+                for job, future in live:
                     try:
                         with conn.begin_nested():
                             outcomes.append((future, True, job(conn)))
                     except Exception as exc:
                         outcomes.append((future, False, exc))
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
-            log.exception("group commit of %d jobs failed", len(batch))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            log.exception("group commit of %d jobs failed", len(live))
+            for _, future in live:
+                future.set_exception(exc)
             return
         for future, ok, value in outcomes:
             if ok:

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    LargeBinary,
     Boolean,
     Column,
     DateTime,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData(
@@ -230,6 +232,8 @@ events = Table(
     _created(),
     Index(None, "agent_id", "seq"),
     Index(None, "workspace_id", "seq"),
+    # Never reuse a seq after the newest event is deleted: a cursor may have passed it.
+    sqlite_autoincrement=True,
 )
 
 # A named subscription. scope is an agent id (agent keys) or "*" (the whole workspace,
@@ -267,9 +271,35 @@ deliveries = Table(
     Column("leased", Boolean, nullable=False),
     Column("last_delivered_at", UtcDateTime()),
     Column("finished_at", UtcDateTime()),
+    # Partial indexes over pending rows only: a pull costs what is in flight, not
+    # what was ever delivered.
+    Index(
+        "ix_deliveries_pending_seq",
+        "consumer_id",
+        "event_seq",
+        sqlite_where=text("state = 'pending'"),
+        postgresql_where=text("state = 'pending'"),
+    ),
+    Index(
+        "ix_deliveries_pending_order",
+        "consumer_id",
+        "order_key",
+        "event_seq",
+        sqlite_where=text("state = 'pending'"),
+        postgresql_where=text("state = 'pending'"),
+    ),
     Index(None, "consumer_id", "state", "visible_at"),
-    Index(None, "consumer_id", "order_key", "event_seq"),
     Index(None, "consumer_id", "event_id"),
+)
+
+# Small blobs live in the database: written in the ingest transaction, they share its
+# (group) commit instead of paying two fsyncs each as files; see store/blobs.py.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
 )
 
 audit_log = Table(

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-21 09:00:31.351153
+Create Date: 2026-11-21 09:16:09.967922
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ def upgrade() -> None:
             batch_op.f("ix_audit_log_workspace_id_seq"), ["workspace_id", "seq"], unique=False
         )
 
+    op.create_table(
+        "blobs",
+        sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("size", sa.BigInteger(), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.PrimaryKeyConstraint("sha256", name=op.f("pk_blobs")),
+    )
     op.create_table(
         "workspaces",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -177,14 +184,23 @@ def upgrade() -> None:
             unique=False,
         )
         batch_op.create_index(
-            batch_op.f("ix_deliveries_consumer_id_order_key_event_seq"),
-            ["consumer_id", "order_key", "event_seq"],
-            unique=False,
-        )
-        batch_op.create_index(
             batch_op.f("ix_deliveries_consumer_id_state_visible_at"),
             ["consumer_id", "state", "visible_at"],
             unique=False,
+        )
+        batch_op.create_index(
+            "ix_deliveries_pending_order",
+            ["consumer_id", "order_key", "event_seq"],
+            unique=False,
+            sqlite_where=sa.text("state = 'pending'"),
+            postgresql_where=sa.text("state = 'pending'"),
+        )
+        batch_op.create_index(
+            "ix_deliveries_pending_seq",
+            ["consumer_id", "event_seq"],
+            unique=False,
+            sqlite_where=sa.text("state = 'pending'"),
+            postgresql_where=sa.text("state = 'pending'"),
         )
 
     op.create_table(
@@ -213,6 +229,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_events")),
         sa.UniqueConstraint("id", name=op.f("uq_events_id")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index(
@@ -414,8 +431,17 @@ def downgrade() -> None:
 
     op.drop_table("events")
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index(
+            "ix_deliveries_pending_seq",
+            sqlite_where=sa.text("state = 'pending'"),
+            postgresql_where=sa.text("state = 'pending'"),
+        )
+        batch_op.drop_index(
+            "ix_deliveries_pending_order",
+            sqlite_where=sa.text("state = 'pending'"),
+            postgresql_where=sa.text("state = 'pending'"),
+        )
         batch_op.drop_index(batch_op.f("ix_deliveries_consumer_id_state_visible_at"))
-        batch_op.drop_index(batch_op.f("ix_deliveries_consumer_id_order_key_event_seq"))
         batch_op.drop_index(batch_op.f("ix_deliveries_consumer_id_event_id"))
 
     op.drop_table("deliveries")
@@ -425,6 +451,7 @@ def downgrade() -> None:
     op.drop_table("consumers")
     op.drop_table("agents")
     op.drop_table("workspaces")
+    op.drop_table("blobs")
     with op.batch_alter_table("audit_log", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_audit_log_workspace_id_seq"))
 
