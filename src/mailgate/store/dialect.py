@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table
+from sqlalchemy import Connection, Executable, Table
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -13,7 +14,12 @@ def insert_ignoring_conflicts(
     conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
 ) -> None:
     """``INSERT ... ON CONFLICT DO NOTHING``: for rows another writer may add first."""
-    if not rows:
-        return
-    module = sqlite if conn.dialect.name == "sqlite" else postgresql
-    conn.execute(module.insert(table).on_conflict_do_nothing(), list(rows))
+    if rows:
+        conn.execute(_insert_ignore(table, conn.dialect.name), list(rows))
+
+
+@functools.cache
+def _insert_ignore(table: Table, dialect: str) -> Executable:
+    """Built once per table and backend: statement construction is the costly part."""
+    module = sqlite if dialect == "sqlite" else postgresql
+    return module.insert(table).on_conflict_do_nothing()
