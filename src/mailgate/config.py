@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="Largest message accepted, in bytes; advertised as SMTP SIZE, "
         "refused with 552 / HTTP 413 beyond it.",
     )
+    recipient_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long SMTP trusts a known agent address without asking the "
+        "database again (unknown addresses are always looked up). 0 disables.",
+    )
     smtp_max_recipients: int = Field(100, gt=0, description="RCPT TO accepted per transaction.")
     smtp_tls_cert: Path | None = Field(None, description="PEM certificate; enables STARTTLS.")
     smtp_tls_key: Path | None = Field(None, description="PEM private key for smtp_tls_cert.")

@@ -17,7 +17,12 @@ from mailgate.services.ingest import IngestService
 from mailgate.services.queries import QueryService
 from mailgate.services.tenancy import TenancyService
 from mailgate.store.blobs import BlobStore, LocalBlobStore, TieredBlobStore
-from mailgate.store.committer import Committer, DirectCommitter, GroupCommitter
+from mailgate.store.committer import (
+    Committer,
+    DirectCommitter,
+    GroupCommitter,
+    LoopGroupCommitter,
+)
 from mailgate.store.db import Database
 
 
@@ -53,7 +58,11 @@ class Runtime:
         )
         notifier = FeedNotifier()
         committer: Committer
-        if group_commit:
+        if group_commit and db.is_sqlite:
+            committer = LoopGroupCommitter(
+                db, max_batch=settings.ingest_batch_max, on_commit=notifier.notify
+            )
+        elif group_commit:
             committer = GroupCommitter(
                 db, max_batch=settings.ingest_batch_max, on_commit=notifier.notify
             )
@@ -69,7 +78,12 @@ class Runtime:
             clock=clock,
             notifier=notifier,
             committer=committer,
-            tenancy=TenancyService(db, clock, settings.agent_domain),
+            tenancy=TenancyService(
+                db,
+                clock,
+                settings.agent_domain,
+                recipient_cache_seconds=settings.recipient_cache_seconds,
+            ),
             ingest=IngestService(
                 committer,
                 blob_store,
@@ -81,8 +95,18 @@ class Runtime:
             queries=QueryService(db, blob_store),
         )
 
+    async def attach_loop(self) -> None:
+        """Move loop-friendly work (SQLite group commit) onto the running loop."""
+        if isinstance(self.committer, LoopGroupCommitter):
+            await self.committer.attach()
+
+    async def detach_loop(self) -> None:
+        """Finish queued loop work; call before :meth:`close` when leaving the loop."""
+        if isinstance(self.committer, LoopGroupCommitter):
+            await self.committer.detach()
+
     def close(self) -> None:
         """Drain queued writes, then release the database."""
-        if isinstance(self.committer, GroupCommitter):
+        if isinstance(self.committer, GroupCommitter | LoopGroupCommitter):
             self.committer.stop()
         self.db.dispose()

@@ -51,6 +51,7 @@ async def serve(
         lifespan="on",
     )
     web = _EmbeddedUvicorn(config)
+    await runtime.attach_loop()
     ingress = SmtpIngress(runtime)
     await ingress.start(*smtp)
 
@@ -89,5 +90,6 @@ async def serve(
             await web_task
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await runtime.detach_loop()
         await asyncio.to_thread(runtime.close)
         log.info("mailgate stopped")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -10,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import IntegrityError
 
-from mailgate.store.committer import GroupCommitter
+from mailgate.store.committer import GroupCommitter, LoopGroupCommitter
 from mailgate.store.db import Database
 from mailgate.store.schema import workspaces
 
@@ -51,3 +53,57 @@ def test_stop_finishes_every_queued_job_first(db: Database) -> None:
     assert 5 <= len(committed) <= 20  # batches of at most four
     with db.read() as conn:
         assert conn.execute(select(func.count()).select_from(workspaces)).scalar_one() == 20
+
+
+@pytest.mark.anyio
+async def test_the_loop_committer_runs_jobs_on_the_loop_and_isolates_a_failure(
+    sqlite_url: str,
+) -> None:
+    db = Database(sqlite_url)
+    committer = LoopGroupCommitter(db, max_batch=8)
+    await committer.attach()
+    try:
+        loop_thread = threading.get_ident()
+        ran_on: list[int] = []
+
+        def job(name: str) -> Callable[[Connection], str]:
+            insert = _insert(name)
+
+            def run(conn: Connection) -> str:
+                ran_on.append(threading.get_ident())
+                return insert(conn)
+
+            return run
+
+        ok = committer.submit(job("ws_1"))
+        dup = committer.submit(job("ws_1"))
+        # A submission from another thread (a sync route in the threadpool) still works.
+        other = await asyncio.to_thread(committer.submit, job("ws_2"))
+        assert await asyncio.wrap_future(ok) == "ws_1"
+        assert await asyncio.wrap_future(other) == "ws_2"
+        with pytest.raises(IntegrityError):
+            await asyncio.wrap_future(dup)
+        assert loop_thread in ran_on
+    finally:
+        await committer.detach()
+        committer.stop()
+    with db.read() as conn:
+        assert conn.execute(select(func.count()).select_from(workspaces)).scalar_one() == 2
+    db.dispose()
+
+
+@pytest.mark.anyio
+async def test_detaching_the_loop_committer_finishes_queued_jobs(sqlite_url: str) -> None:
+    db = Database(sqlite_url)
+    committer = LoopGroupCommitter(db, max_batch=4)
+    await committer.attach()
+    futures = [committer.submit(_insert(f"ws_{i}")) for i in range(10)]
+    await committer.detach()
+    committer.stop()
+    assert all(f.done() and f.exception() is None for f in futures)
+    db.dispose()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -7,6 +7,7 @@ Every create/revoke is one transaction with its audit entry. Secrets are returne
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, func, select, update
@@ -20,6 +21,7 @@ from mailgate.services import audit
 from mailgate.store.db import Database
 from mailgate.store.schema import agent_addresses, agents, api_keys, owners, workspaces
 
+_RECIPIENT_CACHE_MAX = 100_000
 _LOCAL_PART = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -70,10 +72,21 @@ def slugify(name: str) -> str:
 
 
 class TenancyService:
-    def __init__(self, db: Database, clock: Clock, agent_domain: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        agent_domain: str,
+        *,
+        recipient_cache_seconds: float = 0.0,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.agent_domain = agent_domain.lower()
+        self.recipient_cache_seconds = recipient_cache_seconds
+        # address -> (recipient, monotonic expiry). Positive answers only: a new agent
+        # is reachable at once; a removed address is honoured within the TTL.
+        self._recipients: dict[str, tuple[Recipient, float]] = {}
 
     # -- workspaces -------------------------------------------------------------------
 
@@ -190,11 +203,29 @@ class TenancyService:
             )  # fmt: skip
         return AgentCreated(agent_id, workspace_id, name, address, key_id, secret.token)
 
+    def cached_recipient(self, address: str) -> Recipient | None:
+        """A recent positive answer of :meth:`resolve_recipient`, without I/O, or None
+        (meaning *ask the database*, not *unknown*). Lets SMTP answer RCPT on the event
+        loop without a thread hop for the addresses it sees all the time."""
+        hit = self._recipients.get(address.strip().strip("<>").lower())
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
     def resolve_recipient(self, address: str) -> Recipient | None:
         """The agent an envelope recipient belongs to, or None (refuse it: no relaying).
 
         ``name+tag@domain`` is delivered to ``name@domain`` (sub-addressing).
         """
+        found = self._lookup_recipient(address)
+        if found is not None and self.recipient_cache_seconds > 0:
+            if len(self._recipients) >= _RECIPIENT_CACHE_MAX:
+                self._recipients.clear()  # crude but bounded; refilled on demand
+            expiry = time.monotonic() + self.recipient_cache_seconds
+            self._recipients[address.strip().strip("<>").lower()] = (found, expiry)
+        return found
+
+    def _lookup_recipient(self, address: str) -> Recipient | None:
         wanted = address.strip().strip("<>").lower()
         local, at, domain = wanted.rpartition("@")
         candidates = [wanted]

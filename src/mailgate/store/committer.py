@@ -4,7 +4,8 @@ SMTP must not answer ``250`` before the message is durable, and an fsync per mes
 caps throughput at the disk's sync rate. The :class:`GroupCommitter` runs queued jobs
 back to back in one write transaction, commits once, and only then resolves every
 job's future. If a job fails, the batch is rolled back and run again with each job in
-its own SAVEPOINT, so a failing job rolls back alone and gets its exception. Callers still wait for durability; they just share the fsync.
+its own SAVEPOINT, so a failing job rolls back alone and gets its exception. Callers
+still wait for durability; they just share the fsync.
 
 :class:`DirectCommitter` has the same port and runs each job in its own transaction in
 the caller's thread: for the CLI, tests and one-off tools.
@@ -12,9 +13,11 @@ the caller's thread: for the CLI, tests and one-off tools.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
@@ -148,3 +151,139 @@ class GroupCommitter:
                 future.set_exception(value)
         if self.on_commit is not None:
             self.on_commit()
+
+
+class LoopGroupCommitter:
+    """Group commit whose jobs run *on the event loop*; only BEGIN and COMMIT, the
+    parts that wait (for the write lock, for fsync), go to a thread.
+
+    Measured under SMTP load, a writer thread spent ~4x longer on the same jobs than
+    alone: every job needs the GIL, which the busy loop thread holds, so each handoff
+    waits (the convoy effect). SQLite statements are in-process calls of a few µs, so
+    running them on the loop is cheaper than any handoff. While a commit's fsync runs
+    in its thread, the loop goes on receiving mail and the next batch forms.
+
+    Until :meth:`attach` is awaited on a running loop (and for submissions from other
+    threads before that), jobs go to a thread-based :class:`GroupCommitter`.
+    PostgreSQL keeps the thread committer: its statements are network round trips
+    that must not block the loop.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int = 64,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self.fallback = GroupCommitter(db, max_batch=max_batch, on_commit=on_commit)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[tuple[Job, Future[Any]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def attach(self) -> None:
+        """Run jobs on the current loop from now on."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def detach(self) -> None:
+        """Finish every queued job, then stop using the loop."""
+        if self._task is None or self._wake is None:
+            return
+        self._queue.append(_STOP_ITEM)
+        self._wake.set()
+        await self._task
+        self._loop = self._task = self._wake = None
+
+    def submit(self, job: Callable[[Connection], T]) -> Future[T]:
+        loop = self._loop
+        if loop is None:
+            return self.fallback.submit(job)
+        future: Future[T] = Future()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._enqueue(job, future)
+        else:
+            loop.call_soon_threadsafe(self._enqueue, job, future)
+        return future
+
+    def stop(self) -> None:
+        self.fallback.stop()
+
+    def _enqueue(self, job: Job, future: Future[Any]) -> None:
+        self._queue.append((job, future))
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch: list[tuple[Job, Future[Any]]] = []
+                while self._queue and len(batch) < self.max_batch:
+                    item = self._queue.popleft()
+                    if item is _STOP_ITEM:
+                        if batch:
+                            await self._commit(batch)
+                        for job, future in list(self._queue):  # submitted after stop
+                            _chain(self.fallback.submit(job), future)
+                        return
+                    batch.append(item)
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Job, Future[Any]]]) -> None:
+        live = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            # Uncontended (the usual case), BEGIN is a few µs: do it here. If another
+            # thread holds the write lock, wait for it in a thread instead.
+            txn = self.db.try_begin_write() or await asyncio.to_thread(self.db.begin_write)
+        except Exception as exc:
+            for _, future in live:
+                future.set_exception(exc)
+            return
+        try:
+            results = [job(txn.conn) for job, _ in live]
+        except Exception:
+            await asyncio.to_thread(txn.finish, commit=False)
+            # Same recovery as the thread committer: each job isolated in a savepoint.
+            await asyncio.to_thread(self.fallback._commit_isolated, live)
+            return
+        try:
+            await asyncio.to_thread(txn.finish, commit=True)
+        except Exception as exc:  # nothing in the batch is durable
+            log.exception("group commit of %d jobs failed", len(live))
+            for _, future in live:
+                future.set_exception(exc)
+            return
+        for (_, future), result in zip(live, results, strict=True):
+            future.set_result(result)
+        if self.on_commit is not None:
+            self.on_commit()
+
+
+_STOP_ITEM: Any = object()
+
+
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    def copy(done: Future[Any]) -> None:
+        if not target.set_running_or_notify_cancel():
+            return
+        exc = done.exception()
+        if exc is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)

@@ -53,17 +53,70 @@ class Database:
 
         On SQLite the process-wide write lock is held for the whole transaction.
         """
-        if self._write_lock is None:
-            with self.engine.connect() as conn, conn.begin():
-                yield conn
-            return
-        with self._write_lock, self.engine.connect() as conn:
-            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                yield conn
+        txn = self.begin_write()
+        try:
+            yield txn.conn
+        except BaseException:
+            txn.finish(commit=False)
+            raise
+        txn.finish(commit=True)
+
+    def try_begin_write(self) -> WriteTransaction | None:
+        """:meth:`begin_write` if the process write lock is free right now, else None."""
+        if self._write_lock is not None and not self._write_lock.acquire(blocking=False):
+            return None
+        return self._begin_locked()
+
+    def begin_write(self) -> WriteTransaction:
+        """An open write transaction that the caller must :meth:`~WriteTransaction.finish`.
+
+        For callers that start, use and finish a transaction on different threads (the
+        loop committer); everything else uses :meth:`write`.
+        """
+        if self._write_lock is not None:
+            self._write_lock.acquire()
+        return self._begin_locked()
+
+    def _begin_locked(self) -> WriteTransaction:
+        try:
+            conn = self.engine.connect()
+            if self._write_lock is not None:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            try:
+                conn.begin()
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            if self._write_lock is not None:
+                self._write_lock.release()
+            raise
+        return WriteTransaction(conn, self._write_lock)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class WriteTransaction:
+    """A write transaction opened by :meth:`Database.begin_write`."""
+
+    def __init__(self, conn: Connection, lock: threading.Lock | None) -> None:
+        self.conn = conn
+        self._lock = lock
+
+    def finish(self, *, commit: bool) -> None:
+        """Commit (durably) or roll back, then release the connection and the lock."""
+        try:
+            if commit:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        finally:
+            try:
+                self.conn.close()
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
 
 
 def _configure_sqlite(engine: Engine) -> None:
