@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import logging
 import ssl
 from collections.abc import Callable
@@ -103,21 +104,25 @@ async def read_data(
     Over ``limit`` it keeps reading to the end of data, so the client can read our
     552, but keeps nothing. The size compared is the unstuffed size, as RFC 1870 §3
     defines it. ``progress`` is called for each piece kept (the idle timer's reset).
+
+    The body grows in a `io.BytesIO`, whose ``getvalue()`` hands over its own buffer
+    (trimmed in place) when nothing else holds it: the message exists once, where a
+    list of pieces and their ``b"".join`` would hold it twice at the end.
     """
-    pieces: list[bytes] = []
+    body = io.BytesIO()
     size = 0
     too_big = False
 
     def keep(piece: bytes) -> None:
-        nonlocal size, too_big
+        nonlocal body, size, too_big
         if too_big:
             return
         size += len(piece)
         if size > limit:
             too_big = True
-            pieces.clear()  # discard at once: never hold an oversize body
+            body = io.BytesIO()  # discard at once: never hold an oversize body
         else:
-            pieces.append(piece)
+            body.write(piece)
             progress()
 
     head = bytearray()
@@ -128,7 +133,7 @@ async def read_data(
         state = _match_step(state, byte)
     if state == len(END_OF_DATA):
         keep(_unstuff(b"\r\n", bytes(head[:-3])))
-        return None if too_big else b"".join(pieces)
+        return None if too_big else body.getvalue()
     keep(_unstuff(b"\r\n", bytes(head)))
     tail = bytes((b"\r\n" + head)[-2:])  # the stream's last two bytes so far
     while True:
@@ -142,7 +147,7 @@ async def read_data(
             tail = chunk[-2:] if len(chunk) >= 2 else (tail + chunk)[-2:]
         else:
             keep(_unstuff(tail, chunk[:-3]))  # the body keeps the CRLF before the dot
-            return None if too_big else b"".join(pieces)
+            return None if too_big else body.getvalue()
 
 
 def _match_step(state: int, byte: int) -> int:
@@ -221,10 +226,11 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: _Transaction, address: str,
         rcpt_options: list[str],
     ) -> str:  # fmt: skip
-        """Accept only agent addresses, looked up fresh for every RCPT.
+        """Accept only agent addresses.
 
-        Nothing is cached, so an address created or removed a moment ago is honoured at
-        once; the lookup is one indexed read, run in a thread to keep the loop free.
+        A known address is answered from the tenancy cache on the loop (no thread hop;
+        ``recipient_cache_seconds``); anything else is one indexed read in a thread, so
+        an address created a moment ago is accepted at once.
         Refusing here (not after DATA) means a stranger's mail is never even received,
         let alone relayed.
         """
@@ -233,7 +239,9 @@ class _Handler:
         if not _is_utf8(address):
             return "553 5.1.3 Recipient address is not valid UTF-8"
         try:
-            recipient = await asyncio.to_thread(self.tenancy.resolve_recipient, address)
+            recipient = self.tenancy.cached_recipient(address) or await asyncio.to_thread(
+                self.tenancy.resolve_recipient, address
+            )
         except Exception:
             log.exception("recipient lookup failed for %r; answering 451", address)
             return REPLY_TEMPORARY

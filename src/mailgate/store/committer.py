@@ -248,7 +248,9 @@ class LoopGroupCommitter:
         try:
             # Uncontended (the usual case), BEGIN is a few µs: do it here. If another
             # thread holds the write lock, wait for it in a thread instead.
-            txn = self.db.try_begin_write() or await asyncio.to_thread(self.db.begin_write)
+            txn = self.db.try_begin_write()
+            if txn is None:
+                txn = await asyncio.to_thread(self.db.begin_write)
         except Exception as exc:
             for _, future in live:
                 future.set_exception(exc)

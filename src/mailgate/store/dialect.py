@@ -21,5 +21,6 @@ def insert_ignoring_conflicts(
 @functools.cache
 def _insert_ignore(table: Table, dialect: str) -> Executable:
     """Built once per table and backend: statement construction is the costly part."""
-    module = sqlite if dialect == "sqlite" else postgresql
-    return module.insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return postgresql.insert(table).on_conflict_do_nothing()
