@@ -408,7 +408,9 @@ class _Connection(SMTP):
 
     def _declared_size(self, arg: str | None) -> int | None:
         session, envelope = self.session, self.envelope
-        if not arg or session is None or not session.extended_smtp or not session.host_name:
+        if not arg or "SIZE=" not in arg.upper():
+            return None  # the common case: skip parsing the address twice
+        if session is None or not session.extended_smtp or not session.host_name:
             return None  # let aiosmtpd answer with its syntax or sequence error
         if envelope is None or envelope.mail_from:
             return None
