@@ -85,6 +85,7 @@ async def serve(
         announce.cancel()
         stop_task.cancel()
         await ingress.stop(grace)
+        runtime.notifier.close()  # open long-polls answer now, so HTTP can drain
         web.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await web_task

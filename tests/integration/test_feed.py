@@ -646,6 +646,29 @@ def test_a_long_poll_returns_empty_after_the_wait_when_nothing_arrives(
     assert 0.3 <= elapsed < 2.0
 
 
+def test_closing_the_notifier_ends_open_long_polls_at_once(
+    db: Database, settings: Settings, clock: FakeClock, ws_agent: tuple[str, str]
+) -> None:
+    """Shutdown must not wait out every open long-poll."""
+    slow_poll = with_settings(settings, feed_poll_interval=20.0)
+    feed = ObservedFeed(db, slow_poll, clock, FeedNotifier())
+    ws, agt = ws_agent
+
+    async def scenario() -> tuple[list[LeasedEvent], float]:
+        started = time.monotonic()
+        poll = asyncio.create_task(
+            feed.pull(ws, agt, "poller", limit=10, lease_seconds=LEASE, wait_seconds=20)
+        )
+        assert await asyncio.to_thread(feed.empty_lease.wait, 10)
+        feed._notifier.close()
+        return await poll, time.monotonic() - started
+
+    batch, elapsed = asyncio.run(scenario())
+
+    assert batch == []
+    assert elapsed < 5.0  # the wait was 20 s
+
+
 # -- concurrency -----------------------------------------------------------------------
 
 

@@ -244,6 +244,13 @@ class FeedNotifier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._listeners: set[FeedListener] = set()
+        self.closed = False
+
+    def close(self) -> None:
+        """Shutting down: end every long-poll now (with what it has) instead of letting
+        open waits hold up a graceful stop for up to ``feed_max_wait_seconds``."""
+        self.closed = True
+        self.notify(None)
 
     def notify(self, workspace_id: str | None = None) -> None:
         """Wake the long-polls of ``workspace_id`` (all of them when None).
@@ -388,7 +395,7 @@ class FeedService:
                     lease_seconds=lease_seconds,
                 )
                 remaining = deadline - time.monotonic()
-                if batch or remaining <= 0:
+                if batch or remaining <= 0 or self._notifier.closed:
                     return batch
                 await listener.wait(min(self._settings.feed_poll_interval, remaining))
 
