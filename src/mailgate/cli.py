@@ -131,9 +131,14 @@ def serve(
             f"SMTP smtp://{settings.smtp_listen}  database {settings.masked()['database_url']}"
         )
 
-    asyncio.run(
-        run_server(runtime, http=settings.http_address, smtp=settings.smtp_address, on_ready=ready)
-    )
+    try:
+        asyncio.run(
+            run_server(
+                runtime, http=settings.http_address, smtp=settings.smtp_address, on_ready=ready
+            )
+        )
+    except MailgateError as exc:
+        _fail(exc, False)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Generator
 import uvicorn
 
 from mailgate.api.app import create_app
+from mailgate.errors import ServiceUnavailable
 from mailgate.ingress.smtp import SmtpIngress
 from mailgate.runtime import Runtime
 
@@ -38,7 +39,11 @@ async def serve(
     smtp: tuple[str, int],
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    """Run until SIGTERM/SIGINT, then shut down gracefully.
+
+    Raises:
+        ServiceUnavailable: the SMTP address cannot be bound.
+    """
     settings = runtime.settings
     grace = settings.shutdown_grace_seconds
     config = uvicorn.Config(
@@ -51,9 +56,13 @@ async def serve(
         lifespan="on",
     )
     web = _EmbeddedUvicorn(config)
-    await runtime.attach_loop()
     ingress = SmtpIngress(runtime)
-    await ingress.start(*smtp)
+    try:
+        await ingress.start(*smtp)
+    except OSError as exc:
+        runtime.close()
+        raise ServiceUnavailable(f"cannot listen for SMTP on {smtp[0]}:{smtp[1]}: {exc}") from None
+    await runtime.attach_loop()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -68,7 +77,7 @@ async def serve(
         if web.started:
             log.info(
                 "mailgate ready: http://%s:%d smtp://%s:%d",
-                *http[:1],
+                http[0],
                 http[1],
                 smtp[0],
                 ingress.port,

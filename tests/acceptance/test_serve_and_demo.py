@@ -87,3 +87,22 @@ def test_serve_refuses_an_unmigrated_database_with_a_clear_message(tmp_path: Pat
     assert result.returncode == 1
     assert "database_not_migrated" in result.stderr
     assert "mailgate migrate" in result.stderr
+
+
+def test_serve_reports_a_taken_smtp_port_as_a_clear_error(
+    gateway_env: dict[str, str],
+) -> None:
+    host, port = gateway_env["MAILGATE_SMTP_LISTEN"].split(":")
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        result = subprocess.run(
+            [str(MAILGATE), "serve", "--migrate"],
+            env=gateway_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "unavailable" in result.stderr
+    assert f"{host}:{port}" in result.stderr
