@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import IntegrityError
 
-from mailgate.store.committer import GroupCommitter, LoopGroupCommitter
+from mailgate.store.committer import BatchJob, GroupCommitter, LoopGroupCommitter, run_jobs
 from mailgate.store.db import Database
 from mailgate.store.schema import workspaces
 
@@ -107,3 +107,24 @@ async def test_detaching_the_loop_committer_finishes_queued_jobs(sqlite_url: str
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_consecutive_batch_jobs_run_in_one_call_and_keep_their_order(db: Database) -> None:
+    calls: list[list[int]] = []
+
+    def runner(conn: Connection, payloads: list[int]) -> list[int]:
+        calls.append(payloads)
+        return [p * 10 for p in payloads]
+
+    def single(p: int) -> Callable[[Connection], int]:
+        return lambda conn: runner(conn, [p])[0]
+
+    jobs: list[Callable[[Connection], object]] = [
+        BatchJob(runner, 1, single(1)),
+        BatchJob(runner, 2, single(2)),
+        lambda conn: "plain",
+        BatchJob(runner, 3, single(3)),
+    ]
+    with db.write() as conn:
+        assert run_jobs(conn, jobs) == [10, 20, "plain", 30]
+    assert calls == [[1, 2], [3]]

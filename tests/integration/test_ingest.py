@@ -196,3 +196,57 @@ def test_copies_racing_through_two_gateway_processes_are_stored_once(
     assert sum(not r[0].duplicate for r in results) == 1
     assert _count(runtime, messages) == 1
     assert _count(runtime, events) == 1
+
+
+def test_a_batch_stores_exactly_what_one_by_one_ingest_would(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    """One store_many call holding a root, its reply, a copy of the root and a
+    subject-only reply threads and dedups as if each had been stored alone."""
+    rcpt = _recipient(runtime, agent)
+    root = build_message(to=agent.address, message_id="root@x", subject="Budget")
+    reply = build_message(
+        to=agent.address, message_id="reply@x", subject="Re: Budget", in_reply_to="root@x"
+    )
+    loose = build_message(to=agent.address, message_id="loose@x", subject="RE: Budget")
+    items = [(runtime.ingest.prepare(raw), ENVELOPE, rcpt) for raw in (root, reply, root, loose)]
+    with runtime.db.write() as conn:
+        results = runtime.ingest.store_many(conn, items)
+    [first], [second], [copy], [fourth] = results
+    assert second.thread_id == first.thread_id and second.thread_reason == "in-reply-to"
+    assert copy.duplicate and copy.message_id == first.message_id
+    assert fourth.thread_id == first.thread_id and fourth.thread_reason == "subject"
+    assert _count(runtime, messages) == 3
+    assert _count(runtime, events) == 3
+    with runtime.db.read() as conn:
+        count = conn.execute(
+            select(threads.c.message_count).where(threads.c.id == first.thread_id)
+        ).scalar_one()
+    assert count == 3
+
+
+def test_a_later_batch_updates_threads_made_by_an_earlier_one(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    rcpt = _recipient(runtime, agent)
+    root = runtime.ingest.prepare(build_message(to=agent.address, message_id="r@x"))
+    replies = [
+        runtime.ingest.prepare(
+            build_message(
+                to=agent.address,
+                sender=f"p{i}@example.org",
+                message_id=f"a{i}@x",
+                in_reply_to="r@x",
+            )
+        )
+        for i in range(3)
+    ]
+    with runtime.db.write() as conn:
+        [[first]] = runtime.ingest.store_many(conn, [(root, ENVELOPE, rcpt)])
+    with runtime.db.write() as conn:
+        later = runtime.ingest.store_many(conn, [(p, ENVELOPE, rcpt) for p in replies])
+    assert {r[0].thread_id for r in later} == {first.thread_id}
+    with runtime.db.read() as conn:
+        row = conn.execute(select(threads).where(threads.c.id == first.thread_id)).one()
+    assert row.message_count == 4
+    assert {"p0@example.org", "p1@example.org", "p2@example.org"} <= set(row.participants)

@@ -14,6 +14,27 @@ from mailgate.store.schema import events
 MESSAGE_RECEIVED = "message.received"
 
 
+def event_row(
+    *,
+    workspace_id: str,
+    agent_id: str | None,
+    type: str,
+    payload: dict[str, Any],
+    created_at: datetime,
+    thread_id: str | None = None,
+) -> dict[str, Any]:
+    """The row of a new event, for callers that insert many at once."""
+    return {
+        "id": new_id("evt"),
+        "workspace_id": workspace_id,
+        "agent_id": agent_id,
+        "type": type,
+        "thread_id": thread_id,
+        "payload": payload,
+        "created_at": created_at,
+    }
+
+
 def append_event(
     conn: Connection,
     *,
@@ -25,20 +46,16 @@ def append_event(
     thread_id: str | None = None,
 ) -> str:
     """Insert one event; returns its public id. Deliveries are made lazily per consumer."""
-    event_id = new_id("evt")
-    conn.execute(
-        _INSERT_EVENT,
-        {
-            "id": event_id,
-            "workspace_id": workspace_id,
-            "agent_id": agent_id,
-            "type": type,
-            "thread_id": thread_id,
-            "payload": payload,
-            "created_at": created_at,
-        },
+    row = event_row(
+        workspace_id=workspace_id,
+        agent_id=agent_id,
+        type=type,
+        payload=payload,
+        created_at=created_at,
+        thread_id=thread_id,
     )
-    return event_id
+    conn.execute(_INSERT_EVENT, row)
+    return str(row["id"])
 
 
 _INSERT_EVENT = events.insert()

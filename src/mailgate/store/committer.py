@@ -20,15 +20,63 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import Connection
 
 from mailgate.store.db import Database
 
 T = TypeVar("T")
+P = TypeVar("P")
 Job = Callable[[Connection], Any]
 log = logging.getLogger(__name__)
+
+
+class BatchJob(Generic[P, T]):
+    """A job that can also run *together* with others of its kind.
+
+    Called alone it runs ``single``; the committers hand consecutive batch jobs with
+    the same ``runner`` to one ``runner(conn, payloads)`` call instead, so work such as
+    ingest can read and write a whole batch in a few set-based statements.
+    """
+
+    __slots__ = ("payload", "runner", "single")
+
+    def __init__(
+        self,
+        runner: Callable[[Connection, list[P]], list[T]],
+        payload: P,
+        single: Callable[[Connection], T],
+    ) -> None:
+        self.runner = runner
+        self.payload = payload
+        self.single = single
+
+    def __call__(self, conn: Connection) -> T:
+        return self.single(conn)
+
+
+def run_jobs(conn: Connection, jobs: list[Job]) -> list[Any]:
+    """Run ``jobs`` in order; consecutive batch jobs sharing a runner go in one call."""
+    results: list[Any] = []
+    group: list[BatchJob[Any, Any]] = []
+
+    def flush() -> None:
+        if group:
+            results.extend(group[0].runner(conn, [job.payload for job in group]))
+            group.clear()
+
+    for job in jobs:
+        if isinstance(job, BatchJob) and (not group or job.runner == group[0].runner):
+            group.append(job)
+            continue
+        flush()
+        if isinstance(job, BatchJob):
+            group.append(job)
+        else:
+            results.append(job(conn))
+    flush()
+    return results
 
 
 class Committer(Protocol):
@@ -119,7 +167,7 @@ class GroupCommitter:
         # one fails, the rolled-back batch can simply run again with each job isolated.
         try:
             with self.db.write() as conn:
-                results = [job(conn) for job, _ in live]
+                results = run_jobs(conn, [job for job, _ in live])
         except Exception:
             self._commit_isolated(live)
             return
@@ -256,7 +304,7 @@ class LoopGroupCommitter:
                 future.set_exception(exc)
             return
         try:
-            results = [job(txn.conn) for job, _ in live]
+            results = run_jobs(txn.conn, [job for job, _ in live])
         except Exception:
             await asyncio.to_thread(txn.finish, commit=False)
             # Same recovery as the thread committer: each job isolated in a savepoint.
