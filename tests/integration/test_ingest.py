@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from sqlalchemy import Table, func, select
 
 from mailgate.runtime import Runtime
 from mailgate.services.ingest import Envelope
 from mailgate.services.tenancy import Recipient
+from mailgate.store.db import Database
 from mailgate.store.schema import attachments, events, messages, threads
 from mailgate.testing import build_message
 from tests.conftest import AgentHandle, make_agent
@@ -250,3 +252,30 @@ def test_a_later_batch_updates_threads_made_by_an_earlier_one(
         row = conn.execute(select(threads).where(threads.c.id == first.thread_id)).one()
     assert row.message_count == 4
     assert {"p0@example.org", "p1@example.org", "p2@example.org"} <= set(row.participants)
+
+
+@pytest.mark.parametrize(
+    "statement", ["_SELECT_DUPLICATES", "_SELECT_REFS", "_SELECT_SUBJECT_THREADS"]
+)
+def test_ingest_lookups_search_an_index_instead_of_scanning_the_mailbox(
+    sqlite_url: str, statement: str
+) -> None:
+    """Ingest cost must stay flat as a mailbox grows: every per-batch lookup is an index
+    search on SQLite (a row-value IN once silently became a full scan)."""
+    from sqlalchemy.dialects import sqlite
+
+    from mailgate.services import ingest
+
+    sql = str(getattr(ingest, statement).compile(dialect=sqlite.dialect()))
+    sql = sql.replace("(__[POSTCOMPILE_agents])", "(?, ?)").replace(
+        "(__[POSTCOMPILE_keys])", "(?, ?)"
+    )
+    db = Database(sqlite_url)
+    try:
+        with db.read() as conn:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, ("x",) * sql.count("?")).all()
+    finally:
+        db.dispose()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH" in details and "USING INDEX" in details
+    assert "SCAN messages" not in details and "SCAN thread" not in details

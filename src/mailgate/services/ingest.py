@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, tuple_, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailgate.clock import Clock
@@ -274,27 +274,32 @@ class _Batch:
     # -- reads: one query each for the whole batch -------------------------------------
 
     def _load_duplicates(self) -> dict[tuple[str, str], tuple[str, str]]:
-        pairs = list({(u.agent_id, u.dedup_key) for u in self.units})
+        pairs = {(u.agent_id, u.dedup_key) for u in self.units}
+        rows = self.conn.execute(_SELECT_DUPLICATES, _in_params(pairs))
         return {
             (row.agent_id, row.dedup_key): (row.id, row.thread_id)
-            for row in self.conn.execute(_SELECT_DUPLICATES, {"pairs": pairs})
+            for row in rows
+            if (row.agent_id, row.dedup_key) in pairs
         }
 
     def _load_refs(self) -> dict[tuple[str, str], str]:
-        pairs = list({(u.agent_id, key) for u in self.units for key, _ in u.reference_keys()})
+        pairs = {(u.agent_id, key) for u in self.units for key, _ in u.reference_keys()}
+        rows = self.conn.execute(_SELECT_REFS, _in_params(pairs))
         return {
             (row.agent_id, row.ref_key): row.thread_id
-            for row in self.conn.execute(_SELECT_REFS, {"pairs": pairs})
+            for row in rows
+            if (row.agent_id, row.ref_key) in pairs
         }
 
     def _load_subject_candidates(self) -> dict[tuple[str, str], list[ThreadCandidate]]:
-        pairs = list({(u.agent_id, subject_key(u.prepared.parsed.subject)) for u in self.units})
-        since = self.now - self.thread_window
+        pairs = {(u.agent_id, subject_key(u.prepared.parsed.subject)) for u in self.units}
+        params = {**_in_params(pairs), "since": self.now - self.thread_window}
         found: dict[tuple[str, str], list[ThreadCandidate]] = {}
-        for row in self.conn.execute(_SELECT_SUBJECT_THREADS, {"pairs": pairs, "since": since}):
-            found.setdefault((row.agent_id, row.subject_key), []).append(
-                ThreadCandidate(row.id, frozenset(row.participants))
-            )
+        for row in self.conn.execute(_SELECT_SUBJECT_THREADS, params):
+            if (row.agent_id, row.subject_key) in pairs:
+                found.setdefault((row.agent_id, row.subject_key), []).append(
+                    ThreadCandidate(row.id, frozenset(row.participants))
+                )
         return found
 
     # -- decisions, in arrival order ---------------------------------------------------
@@ -491,14 +496,19 @@ _INSERT_ATTACHMENT = attachments.insert()
 _INSERT_EVENT = events.insert()
 _SELECT_DUPLICATES = select(
     messages.c.agent_id, messages.c.dedup_key, messages.c.id, messages.c.thread_id
-).where(tuple_(messages.c.agent_id, messages.c.dedup_key).in_(bindparam("pairs", expanding=True)))
+).where(
+    messages.c.agent_id.in_(bindparam("agents", expanding=True)),
+    messages.c.dedup_key.in_(bindparam("keys", expanding=True)),
+)
 _SELECT_REFS = select(thread_refs.c.agent_id, thread_refs.c.ref_key, thread_refs.c.thread_id).where(
-    tuple_(thread_refs.c.agent_id, thread_refs.c.ref_key).in_(bindparam("pairs", expanding=True))
+    thread_refs.c.agent_id.in_(bindparam("agents", expanding=True)),
+    thread_refs.c.ref_key.in_(bindparam("keys", expanding=True)),
 )
 _SELECT_SUBJECT_THREADS = (
     select(threads.c.agent_id, threads.c.subject_key, threads.c.id, threads.c.participants)
     .where(
-        tuple_(threads.c.agent_id, threads.c.subject_key).in_(bindparam("pairs", expanding=True)),
+        threads.c.agent_id.in_(bindparam("agents", expanding=True)),
+        threads.c.subject_key.in_(bindparam("keys", expanding=True)),
         threads.c.last_message_at >= bindparam("since", type_=UtcDateTime()),
     )
     .order_by(threads.c.last_message_at.desc())
@@ -515,6 +525,16 @@ _UPDATE_THREAD = (
         last_message_at=bindparam("last_message_at", type_=UtcDateTime()),
     )
 )
+
+
+def _in_params(pairs: set[tuple[str, str]]) -> dict[str, list[str]]:
+    """``agent_id IN (...) AND key IN (...)``, filtered to ``pairs`` by the caller.
+
+    Row-value ``(agent_id, key) IN (...)`` would be exact, but SQLite answers it with a
+    full table scan; two plain IN lists use the (agent_id, key) index on both backends,
+    and the few cross-product extras (another agent's key) are dropped in Python.
+    """
+    return {"agents": sorted({a for a, _ in pairs}), "keys": sorted({k for _, k in pairs})}
 
 
 def _participants(parsed: ParsedMessage, *, exclude: str) -> set[str]:
