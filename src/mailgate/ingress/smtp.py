@@ -417,8 +417,15 @@ class _Connection(SMTP):
         rest = self._strip_command_keyword("FROM:", arg)
         if rest is None:
             return None
-        address, params = self._getaddr(rest)
-        if not address or not params:
+        # Parameters follow the path's closing ">" (RFC 5321 §4.1.2); splitting there
+        # spares a second full address parse on every MAIL (aiosmtpd parses it next).
+        path, closed, after = rest.rpartition(">")
+        params: str | None = after
+        if not closed or not path.lstrip().startswith("<"):
+            address, params = self._getaddr(rest)
+            if not address:
+                return None
+        if not params:
             return None
         for param in params.upper().split():
             name, _, value = param.partition("=")

@@ -258,7 +258,7 @@ class _Batch:
             return self.results
         stored = self._load_duplicates()
         refs = self._load_refs()
-        candidates = self._load_subject_candidates()
+        candidates = self._load_subject_candidates(refs)
         for unit in self.units:
             key = (unit.agent_id, unit.dedup_key)
             found = stored.get(key)
@@ -291,8 +291,19 @@ class _Batch:
             if (row.agent_id, row.ref_key) in pairs
         }
 
-    def _load_subject_candidates(self) -> dict[tuple[str, str], list[ThreadCandidate]]:
-        pairs = {(u.agent_id, subject_key(u.prepared.parsed.subject)) for u in self.units}
+    def _load_subject_candidates(
+        self, refs: dict[tuple[str, str], str]
+    ) -> dict[tuple[str, str], list[ThreadCandidate]]:
+        """Recent threads with the subjects of messages that may need the fallback:
+        none of their references known, and a subject left after normalising."""
+        pairs = {
+            (u.agent_id, subject_key(u.prepared.parsed.subject))
+            for u in self.units
+            if normalize_subject(u.prepared.parsed.subject)
+            and not any((u.agent_id, key) in refs for key, _ in u.reference_keys())
+        }
+        if not pairs:
+            return {}
         params = {**_in_params(pairs), "since": self.now - self.thread_window}
         found: dict[tuple[str, str], list[ThreadCandidate]] = {}
         for row in self.conn.execute(_SELECT_SUBJECT_THREADS, params):
