@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.errors import NotFound
-from mailgate.store.blobs import LocalBlobStore, TieredBlobStore
+from mailgate.store.blobs import LocalBlobStore, MemoryBlobStore, TieredBlobStore
 from mailgate.store.db import Database
 
 
@@ -50,3 +50,13 @@ def test_a_blob_put_in_a_rolled_back_transaction_is_not_stored(store: TieredBlob
         store.put_in(conn, b"gone", sha)
         raise RuntimeError("abort")
     assert not store.exists(sha)
+
+
+def test_any_store_can_be_the_large_tier_behind_the_same_port(db: Database) -> None:
+    """The large-blob tier is a port: the in-memory fake stands in for the folder
+    (as an S3-compatible store could)."""
+    fake = MemoryBlobStore()
+    store = TieredBlobStore(db, fake, inline_max=4)
+    small, large = store.put(b"tiny"), store.put(b"larger")
+    assert set(fake.blobs) == {large}
+    assert store.get(small) == b"tiny" and store.get(large) == b"larger"

@@ -48,7 +48,6 @@ from mailgate.store.schema import (
     thread_refs,
     threads,
 )
-from mailgate.store.schema import blobs as blob_rows
 
 GENERATED_ID_DOMAIN = "mailgate.invalid"
 MAX_THREAD_PARTICIPANTS = 100
@@ -198,7 +197,7 @@ class IngestService:
         then one ``executemany`` per table. Per-statement overhead, not SQL, was most
         of the cost of storing a 4 KB message one statement at a time.
         """
-        return _Batch(conn, items, self.clock.now(), self.thread_window).run()
+        return _Batch(conn, self.blobs, items, self.clock.now(), self.thread_window).run()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +225,13 @@ class _Batch:
     def __init__(
         self,
         conn: Connection,
+        blob_store: TieredBlobStore,
         items: Sequence[tuple[Prepared, Envelope, Sequence[Recipient]]],
         now: datetime,
         thread_window: timedelta,
     ) -> None:
         self.conn = conn
+        self.blob_store = blob_store
         self.now = now
         self.thread_window = thread_window
         self.units: list[_Unit] = []
@@ -459,11 +460,7 @@ class _Batch:
 
     def _write(self) -> None:
         conn = self.conn
-        insert_ignoring_conflicts(
-            conn,
-            blob_rows,
-            [{"sha256": sha, "size": len(d), "data": bytes(d)} for sha, d in self.blobs.items()],
-        )
+        self.blob_store.put_many_in(conn, self.blobs)
         if self.new_threads:
             conn.execute(_INSERT_THREAD, list(self.new_threads.values()))
         if self.touched:

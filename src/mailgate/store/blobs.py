@@ -62,8 +62,17 @@ class TieredBlobStore:
 
     def put_in(self, conn: Connection, data: bytes, sha256: str) -> None:
         """Store a small blob inside the caller's transaction (idempotent)."""
+        self.put_many_in(conn, {sha256: data})
+
+    def put_many_in(self, conn: Connection, blobs: dict[str, bytes]) -> None:
+        """Store small blobs (digest -> bytes) inside the caller's transaction."""
         insert_ignoring_conflicts(
-            conn, blob_rows, [{"sha256": sha256, "size": len(data), "data": bytes(data)}]
+            conn,
+            blob_rows,
+            [
+                {"sha256": sha, "size": len(data), "data": bytes(data)}
+                for sha, data in blobs.items()
+            ],
         )
 
     def put(self, data: bytes, sha256: str | None = None) -> str:

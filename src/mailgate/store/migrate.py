@@ -27,7 +27,7 @@ def _config(db: Database) -> Config:
     return cfg
 
 
-def head_revision(db: Database | None = None) -> str | None:
+def head_revision() -> str | None:
     """The newest revision the code knows (read once: scripts do not change at run time)."""
     return _head()
 
