@@ -8,8 +8,9 @@ sender is ``from`` on the wire (a Python keyword, hence ``from_`` with an alias)
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -37,9 +38,17 @@ ConsumerField = Annotated[
 
 
 class _Model(BaseModel):
-    # validate_by_name lets the ``of`` constructors fill ``from_`` by its Python name
-    # while the wire (and OpenAPI) say ``from``.
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, frozen=True)
+    # from_attributes: responses are built from the services' result dataclasses, field
+    # by field by name (nested ones too). validate_by_name lets ``from_`` be filled by
+    # its Python name while the wire (and OpenAPI) say ``from``.
+    model_config = ConfigDict(
+        from_attributes=True, validate_by_name=True, validate_by_alias=True, frozen=True
+    )
+
+    @classmethod
+    def of(cls, value: object) -> Self:
+        """The response for a service result of the same shape."""
+        return cls.model_validate(value)
 
 
 class _Request(BaseModel):
@@ -50,10 +59,6 @@ class _Request(BaseModel):
 class AddressOut(_Model):
     name: str | None = Field(description="Display name, null when the header gave none.")
     address: str
-
-    @classmethod
-    def of(cls, value: queries.Address) -> AddressOut:
-        return cls(name=value.name, address=value.address)
 
 
 class MessageSummaryOut(_Model):
@@ -75,10 +80,6 @@ class MessageSummaryOut(_Model):
     size: int = Field(description="Size of the raw message in bytes.")
     attachment_count: int
 
-    @classmethod
-    def of(cls, value: queries.MessageSummary) -> MessageSummaryOut:
-        return cls(**_summary_fields(value))
-
 
 class EnvelopeOut(_Model):
     """What the sending transport said (SMTP envelope), not what the headers claim."""
@@ -98,17 +99,6 @@ class AttachmentOut(_Model):
     content_id: str | None
     disposition: str | None
 
-    @classmethod
-    def of(cls, value: queries.AttachmentInfo) -> AttachmentOut:
-        return cls(
-            attachment_id=value.attachment_id,
-            filename=value.filename,
-            content_type=value.content_type,
-            size=value.size,
-            content_id=value.content_id,
-            disposition=value.disposition,
-        )
-
 
 class MessageOut(MessageSummaryOut):
     """One message with everything parsed from it; the bytes are at `/raw`."""
@@ -126,26 +116,8 @@ class MessageOut(MessageSummaryOut):
 
     @classmethod
     def of_detail(cls, value: queries.MessageDetail) -> MessageOut:
-        env = value.envelope
-        return cls(
-            **_summary_fields(value.summary),
-            reply_to=[AddressOut.of(a) for a in value.reply_to],
-            rfc_message_id=value.rfc_message_id,
-            message_id_generated=value.message_id_generated,
-            in_reply_to=value.in_reply_to,
-            references=list(value.references),
-            text=value.text,
-            html=value.html,
-            defects=list(value.defects),
-            envelope=EnvelopeOut(
-                mail_from=env.mail_from,
-                rcpt_to=env.rcpt_to,
-                client_address=env.client_address,
-                helo=env.helo,
-                source=env.source,
-            ),
-            attachments=[AttachmentOut.of(a) for a in value.attachments],
-        )
+        """The detail fields plus the summary's, flattened as the wire has them."""
+        return cls.model_validate({**_fields(value.summary), **_fields(value)})
 
 
 class MessageList(_Model):
@@ -162,26 +134,13 @@ class ThreadOut(_Model):
     first_message_at: datetime
     last_message_at: datetime
 
-    @classmethod
-    def of(cls, value: queries.ThreadSummary) -> ThreadOut:
-        return cls(
-            thread_id=value.thread_id,
-            agent_id=value.agent_id,
-            subject=value.subject,
-            participants=list(value.participants),
-            message_count=value.message_count,
-            first_message_at=value.first_message_at,
-            last_message_at=value.last_message_at,
-        )
-
 
 class ThreadDetailOut(ThreadOut):
     messages: list[MessageSummaryOut] = Field(description="Oldest first.")
 
     @classmethod
     def of_detail(cls, value: queries.ThreadDetail) -> ThreadDetailOut:
-        base = ThreadOut.of(value.thread)
-        return cls(**base.model_dump(), messages=[MessageSummaryOut.of(m) for m in value.messages])
+        return cls.model_validate({**_fields(value.thread), "messages": value.messages})
 
 
 class ThreadList(_Model):
@@ -201,19 +160,6 @@ class EventOut(_Model):
     delivery_count: int = Field(description="1 on first delivery; grows on redelivery.")
     lease_expires_at: datetime
     payload: dict[str, Any]
-
-    @classmethod
-    def of(cls, value: feed.LeasedEvent) -> EventOut:
-        return cls(
-            event_id=value.event_id,
-            type=value.type,
-            created_at=value.created_at,
-            agent_id=value.agent_id,
-            thread_id=value.thread_id,
-            delivery_count=value.delivery_count,
-            lease_expires_at=value.lease_expires_at,
-            payload=value.payload,
-        )
 
 
 class EventList(_Model):
@@ -240,29 +186,12 @@ class AckOut(_Model):
     already_acked: list[str]
     not_found: list[str] = Field(description="Never leased to this consumer (or not yours).")
 
-    @classmethod
-    def of(cls, value: feed.AckResult) -> AckOut:
-        return cls(
-            acked=list(value.acked),
-            already_acked=list(value.already_acked),
-            not_found=list(value.not_found),
-        )
-
 
 class NackOut(_Model):
     nacked: list[str]
     visible_at: datetime = Field(description="When the nacked events become deliverable.")
     finished: list[str] = Field(description="Already acked or dead: left alone.")
     not_found: list[str]
-
-    @classmethod
-    def of(cls, value: feed.NackResult) -> NackOut:
-        return cls(
-            nacked=list(value.nacked),
-            visible_at=value.visible_at,
-            finished=list(value.finished),
-            not_found=list(value.not_found),
-        )
 
 
 class ExtendOut(_Model):
@@ -272,15 +201,6 @@ class ExtendOut(_Model):
         description="The lease had already expired or ended: another puller may hold it."
     )
     not_found: list[str]
-
-    @classmethod
-    def of(cls, value: feed.ExtendResult) -> ExtendOut:
-        return cls(
-            extended=list(value.extended),
-            lease_expires_at=value.lease_expires_at,
-            not_leased=list(value.not_leased),
-            not_found=list(value.not_found),
-        )
 
 
 class DeadLetterOut(_Model):
@@ -296,22 +216,6 @@ class DeadLetterOut(_Model):
     dead_at: datetime | None
     payload: dict[str, Any]
 
-    @classmethod
-    def of(cls, value: feed.DeadLetter) -> DeadLetterOut:
-        return cls(
-            consumer=value.consumer,
-            scope=value.scope,
-            event_id=value.event_id,
-            type=value.type,
-            created_at=value.created_at,
-            agent_id=value.agent_id,
-            thread_id=value.thread_id,
-            delivery_count=value.delivery_count,
-            last_delivered_at=value.last_delivered_at,
-            dead_at=value.dead_at,
-            payload=value.payload,
-        )
-
 
 class DeadLetterList(_Model):
     events: list[DeadLetterOut]
@@ -322,21 +226,6 @@ class Health(_Model):
     status: Literal["ok"] = "ok"
 
 
-def _summary_fields(value: queries.MessageSummary) -> dict[str, Any]:
-    return {
-        "message_id": value.message_id,
-        "agent_id": value.agent_id,
-        "thread_id": value.thread_id,
-        "folder": value.folder,
-        "direction": value.direction,
-        "from_": AddressOut.of(value.from_) if value.from_ else None,
-        "to": [AddressOut.of(a) for a in value.to],
-        "cc": [AddressOut.of(a) for a in value.cc],
-        "subject": value.subject,
-        "preview": value.preview,
-        "date": value.date,
-        "received_at": value.received_at,
-        "labels": list(value.labels),
-        "size": value.size,
-        "attachment_count": value.attachment_count,
-    }
+def _fields(value: Any) -> dict[str, Any]:
+    """A result dataclass's fields, one level deep (nested values stay objects)."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
