@@ -276,6 +276,12 @@ class LoopGroupCommitter:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # Let messages already on their way join this batch: each yield runs one
+            # round of ready callbacks (data read, DATA handled, message parsed and
+            # submitted). Costs microseconds when idle; under load the bigger batch
+            # shares the per-batch statements and fsync.
+            for _ in range(GATHER_ROUNDS):
+                await asyncio.sleep(0)
             while self._queue:
                 batch: list[tuple[Job, Future[Any]]] = []
                 while self._queue and len(batch) < self.max_batch:
@@ -324,6 +330,10 @@ class LoopGroupCommitter:
 
 
 _STOP_ITEM: Any = object()
+GATHER_ROUNDS = 4
+"""Event-loop rounds a batch waits to fill. Measured with 8 SMTP clients on 2 cores:
+0 or 1 rounds: ~770 msg/s at ~1.25 ms CPU each; 3 to 8 rounds: ~1,020 msg/s at
+~0.86 ms (batches grow from ~3 to most of the in-flight messages)."""
 
 
 def _chain(source: Future[Any], target: Future[Any]) -> None:
