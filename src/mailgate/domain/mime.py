@@ -846,7 +846,7 @@ def _preview(text: str | None, html: str | None) -> str:
     if not source:
         return ""
     collapsed = ""
-    for size in (2048, 65536, len(source)):
+    for size in (4 * PREVIEW_CHARS, 65536, len(source)):
         chunk = source[:size]
         if is_html:
             chunk = _html_to_text(chunk)

@@ -47,6 +47,8 @@ import io
 import logging
 import ssl
 from collections.abc import Callable
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
@@ -396,6 +398,26 @@ class _Connection(SMTP):
         transport.close()
 
     # -- commands ----------------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parse, minus the ``typing.Protocol`` class it defines on
+        every call (measured at ~5% of server CPU per message: it runs for MAIL and
+        for every RCPT). Same parsers, same results."""
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                angle, rest = get_angle_addr(arg)
+                addr = angle.addr_spec
+            else:
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
+        except HeaderParseError:
+            return None, None
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """Refuse ``SIZE=`` over the limit with RFC 1870's 552 and an enhanced code
