@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Table, func, select
 
 from mailgate.runtime import Runtime
-from mailgate.services.ingest import Envelope
+from mailgate.services.ingest import Envelope, Prepared, Stored
 from mailgate.services.tenancy import Recipient
 from mailgate.store.db import Database
 from mailgate.store.schema import attachments, events, messages, threads
@@ -279,3 +282,61 @@ def test_ingest_lookups_search_an_index_instead_of_scanning_the_mailbox(
     details = " ".join(str(row[-1]) for row in plan)
     assert "SEARCH" in details and "USING INDEX" in details
     assert "SCAN messages" not in details and "SCAN thread" not in details
+
+
+@pytest.mark.postgres
+def test_losing_the_dedup_race_on_postgresql_answers_with_the_winners_copy(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Node A has inserted a copy but not committed; node B's insert of the same copy
+    waits on the unique index, fails when A commits, and must answer as a duplicate
+    (not an error) from its savepoint."""
+    from mailgate.config import load_settings
+
+    runtime = Runtime.build(load_settings(data_dir=tmp_path, database_url=pg_url))
+    try:
+        agent = make_agent(runtime)
+        rcpt = _recipient(runtime, agent)
+        prepared = runtime.ingest.prepare(build_message(to=agent.address))
+        release = threading.Event()
+        winner: list[Stored] = []
+
+        def node_a() -> None:
+            with runtime.db.write() as conn:
+                winner.extend(runtime.ingest.store(conn, prepared, ENVELOPE, rcpt))
+                assert release.wait(20)
+
+        a = threading.Thread(target=node_a)
+        a.start()
+        with ThreadPoolExecutor(1) as pool:
+            while not winner:  # A has inserted (uncommitted)
+                assert a.is_alive()
+                time.sleep(0.01)
+            future = pool.submit(_store_in_own_transaction, runtime, prepared, rcpt)
+            _wait_for_lock_waiter(runtime)
+            release.set()
+            [loser] = future.result(timeout=20)
+        a.join(20)
+        assert loser.duplicate and loser.message_id == winner[0].message_id
+        assert _count(runtime, messages) == 1
+    finally:
+        runtime.close()
+
+
+def _store_in_own_transaction(
+    runtime: Runtime, prepared: Prepared, rcpt: list[Recipient]
+) -> list[Stored]:
+    with runtime.db.write() as conn:
+        return runtime.ingest.store(conn, prepared, ENVELOPE, rcpt)
+
+
+def _wait_for_lock_waiter(runtime: Runtime) -> None:
+    """Until some backend waits on a lock (node B blocked on A's unique-index entry)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with runtime.db.read() as conn:
+            waiting = conn.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            if waiting.scalar_one():
+                return
+        time.sleep(0.01)
+    raise AssertionError("node B never blocked on the unique index")
