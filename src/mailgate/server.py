@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable, Generator
 
 import uvicorn
@@ -25,11 +26,21 @@ log = logging.getLogger(__name__)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the gateway owns shutdown order."""
+    """uvicorn without its own signal handling (the gateway owns shutdown order), and
+    with an event for "listening", so readiness is announced without polling."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
 
 
 async def serve(
@@ -72,8 +83,7 @@ async def serve(
     web_task = asyncio.create_task(web.serve(), name="http")
 
     async def _announce() -> None:
-        while not web.started and not web_task.done():
-            await asyncio.sleep(0.02)
+        await web.listening.wait()
         if web.started:
             log.info(
                 "mailgate ready: http://%s:%d smtp://%s:%d",
