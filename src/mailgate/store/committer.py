@@ -104,7 +104,7 @@ class DirectCommitter:
         return future
 
 
-_STOP = object()
+_STOP: Any = object()  # queued last: "finish what is before me, then stop"
 
 
 class GroupCommitter:
@@ -159,7 +159,7 @@ class GroupCommitter:
                 self._commit(batch)
 
     def _commit(self, batch: list[tuple[Job, Future[Any]]]) -> None:
-        live = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+        live = _claim(batch)
         if not live:
             return
         # Optimistic first: the whole batch in one transaction with no savepoints (two
@@ -169,36 +169,9 @@ class GroupCommitter:
             with self.db.write() as conn:
                 results = run_jobs(conn, [job for job, _ in live])
         except Exception:
-            self._commit_isolated(live)
+            _commit_isolated(self.db, live, self.on_commit)
             return
-        for (_, future), result in zip(live, results, strict=True):
-            future.set_result(result)
-        if self.on_commit is not None:
-            self.on_commit()
-
-    def _commit_isolated(self, live: list[tuple[Job, Future[Any]]]) -> None:
-        """Each job in its own SAVEPOINT: a failing job rolls back alone."""
-        outcomes: list[tuple[Future[Any], bool, Any]] = []
-        try:
-            with self.db.write() as conn:
-                for job, future in live:
-                    try:
-                        with conn.begin_nested():
-                            outcomes.append((future, True, job(conn)))
-                    except Exception as exc:
-                        outcomes.append((future, False, exc))
-        except Exception as exc:  # the commit itself failed: nothing in the batch is durable
-            log.exception("group commit of %d jobs failed", len(live))
-            for _, future in live:
-                future.set_exception(exc)
-            return
-        for future, ok, value in outcomes:
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        if self.on_commit is not None:
-            self.on_commit()
+        _succeed(live, results, self.on_commit)
 
 
 class LoopGroupCommitter:
@@ -243,7 +216,7 @@ class LoopGroupCommitter:
         """Finish every queued job, then stop using the loop."""
         if self._task is None or self._wake is None:
             return
-        self._queue.append(_STOP_ITEM)
+        self._queue.append(_STOP)
         self._wake.set()
         await self._task
         self._loop = self._task = self._wake = None
@@ -286,7 +259,7 @@ class LoopGroupCommitter:
                 batch: list[tuple[Job, Future[Any]]] = []
                 while self._queue and len(batch) < self.max_batch:
                     item = self._queue.popleft()
-                    if item is _STOP_ITEM:
+                    if item is _STOP:
                         if batch:
                             await self._commit(batch)
                         for job, future in list(self._queue):  # submitted after stop
@@ -296,7 +269,7 @@ class LoopGroupCommitter:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[Job, Future[Any]]]) -> None:
-        live = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+        live = _claim(batch)
         if not live:
             return
         try:
@@ -306,30 +279,71 @@ class LoopGroupCommitter:
             if txn is None:
                 txn = await asyncio.to_thread(self.db.begin_write)
         except Exception as exc:
-            for _, future in live:
-                future.set_exception(exc)
+            _fail(live, exc)
             return
         try:
             results = run_jobs(txn.conn, [job for job, _ in live])
         except Exception:
             await asyncio.to_thread(txn.finish, commit=False)
             # Same recovery as the thread committer: each job isolated in a savepoint.
-            await asyncio.to_thread(self.fallback._commit_isolated, live)
+            await asyncio.to_thread(_commit_isolated, self.db, live, self.on_commit)
             return
         try:
             await asyncio.to_thread(txn.finish, commit=True)
         except Exception as exc:  # nothing in the batch is durable
             log.exception("group commit of %d jobs failed", len(live))
-            for _, future in live:
-                future.set_exception(exc)
+            _fail(live, exc)
             return
-        for (_, future), result in zip(live, results, strict=True):
-            future.set_result(result)
-        if self.on_commit is not None:
-            self.on_commit()
+        _succeed(live, results, self.on_commit)
 
 
-_STOP_ITEM: Any = object()
+def _claim(batch: list[tuple[Job, Future[Any]]]) -> list[tuple[Job, Future[Any]]]:
+    """The jobs whose callers still wait (a cancelled future is skipped)."""
+    return [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+
+
+def _succeed(
+    live: list[tuple[Job, Future[Any]]],
+    results: list[Any],
+    on_commit: Callable[[], None] | None,
+) -> None:
+    for (_, future), result in zip(live, results, strict=True):
+        future.set_result(result)
+    if on_commit is not None:
+        on_commit()
+
+
+def _fail(live: list[tuple[Job, Future[Any]]], exc: BaseException) -> None:
+    for _, future in live:
+        future.set_exception(exc)
+
+
+def _commit_isolated(
+    db: Database, live: list[tuple[Job, Future[Any]]], on_commit: Callable[[], None] | None
+) -> None:
+    """Each job in its own SAVEPOINT: a failing job rolls back alone."""
+    outcomes: list[tuple[Future[Any], bool, Any]] = []
+    try:
+        with db.write() as conn:
+            for job, future in live:
+                try:
+                    with conn.begin_nested():
+                        outcomes.append((future, True, job(conn)))
+                except Exception as exc:
+                    outcomes.append((future, False, exc))
+    except Exception as exc:  # the commit itself failed: nothing in the batch is durable
+        log.exception("group commit of %d jobs failed", len(live))
+        _fail(live, exc)
+        return
+    for future, ok, value in outcomes:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    if on_commit is not None:
+        on_commit()
+
+
 GATHER_ROUNDS = 4
 """Event-loop rounds a batch waits to fill. Measured with 8 SMTP clients on 2 cores:
 0 or 1 rounds: ~770 msg/s at ~1.25 ms CPU each; 3 to 8 rounds: ~1,020 msg/s at
