@@ -606,13 +606,15 @@ def test_an_unknown_sender_goes_through_the_rules_even_when_authenticated() -> N
         ("EXAMPLE.com.", "example.com", True),
         ("mail.example.com", "example.com", True),
         ("example.com", "news.example.com", True),
-        ("a.example.com", "b.example.com", False),  # same org, but no PSL: fail safe
+        ("a.example.com", "b.example.com", True),  # same organizational domain
+        ("mail.example.co.uk", "example.co.uk", True),
+        ("other.co.uk", "example.co.uk", False),  # a public suffix is no organization
         ("notexample.com", "example.com", False),
         ("com", "example.com", False),
         ("", "example.com", False),
     ],
 )
-def test_relaxed_alignment_compares_domain_suffixes_on_label_boundaries(
+def test_relaxed_alignment_compares_organizational_domains(
     authenticated: str, from_domain: str, expected: bool
 ) -> None:
     assert aligned(authenticated, from_domain) is expected
@@ -683,3 +685,25 @@ def test_building_facts_for_a_4kb_message_is_cheap() -> None:
     us = (time.perf_counter() - start) / 300 * 1e6
     print(f"MessageFacts for a 4 KB message: {us:.2f} us")
     assert us < 1000
+
+
+def test_rules_see_the_sender_authentication_verdicts_they_need() -> None:
+    from mailgate.domain import authres
+
+    verdicts = authres.AuthResults(
+        spf=authres.SpfVerdict("pass", "bounces.example.com"),
+        dkim=(
+            authres.DkimVerdict("fail", "attacker.test", "s1"),
+            authres.DkimVerdict("pass", "example.com", "s2"),
+        ),
+        dmarc=authres.DmarcVerdict("pass", "example.com", "reject", ("dkim",)),
+        arc=authres.ArcVerdict("none"),
+    )
+    seen = AuthResults.from_verdicts(verdicts)
+    assert seen == AuthResults(
+        spf="pass",
+        spf_domain="bounces.example.com",
+        dkim="pass",
+        dkim_domains=("example.com",),
+        dmarc="pass",
+    )

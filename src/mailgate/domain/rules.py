@@ -55,6 +55,7 @@ from typing import Any, Final, Literal, NoReturn, Protocol, TypeAlias, cast, get
 
 import re2  # type: ignore[import-untyped]
 
+from mailgate.domain import authres
 from mailgate.domain.mime import ParsedMessage
 from mailgate.errors import ValidationFailed
 
@@ -584,6 +585,18 @@ class AuthResults:
     dkim_domains: tuple[str, ...] = ()
     """The ``d=`` domains of signatures that verified."""
     dmarc: str = "none"
+
+    @classmethod
+    def from_verdicts(cls, results: authres.AuthResults) -> AuthResults:
+        """What rules see of the sender-authentication service's full verdicts."""
+        passed = tuple(v.domain for v in results.dkim if v.result == "pass" and v.domain)
+        return cls(
+            spf=results.spf.result,
+            spf_domain=results.spf.domain if results.spf.result == "pass" else None,
+            dkim=results.dkim_result,
+            dkim_domains=passed,
+            dmarc=results.dmarc.result,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1127,20 +1140,13 @@ def _trace(node: Node, path: str, facts: MessageFacts, out: list[ConditionResult
 
 
 def aligned(authenticated: str, from_domain: str) -> bool:
-    """Relaxed DMARC alignment (RFC 7489 section 3.1) without the Public Suffix List.
+    """Relaxed DMARC alignment (RFC 7489 section 3.1): the same organizational domain.
 
-    Aligned when the domains are equal or one is a subdomain of the other
-    (``mail.example.com`` with ``example.com``). Without a PSL we cannot tell that
-    ``a.example.com`` and ``b.example.com`` share an organizational domain, so that
-    case counts as *not* aligned: the error only ever sends a contact's mail through
-    the rules, never lets a stranger skip them. A bare TLD never aligns, so
-    ``d=com`` cannot vouch for ``example.com``.
+    One definition for the whole gateway: :func:`mailgate.domain.authres.aligned`,
+    which the DMARC evaluator uses too (its organizational domain comes from a bundled
+    suffix heuristic; nothing is fetched).
     """
-    a = authenticated.strip().rstrip(".").lower()
-    b = from_domain.strip().rstrip(".").lower()
-    if not a or not b or "." not in a or "." not in b:
-        return False
-    return a == b or a.endswith("." + b) or b.endswith("." + a)
+    return authres.aligned(authenticated, from_domain, "r")
 
 
 def sender_authenticated(facts: MessageFacts) -> str | None:
