@@ -131,7 +131,12 @@ class IngestService:
     def ingest(
         self, raw: bytes, envelope: Envelope, recipients: Sequence[Recipient]
     ) -> list[Stored]:
-        """Store ``raw`` for every recipient agent; returns once durable."""
+        """Store ``raw`` for every recipient agent; returns once durable.
+
+        Blocks the calling thread until the commit: call it from threads (sync routes,
+        the CLI), never on the event loop, whose loop committer would then wait on
+        itself; there use :meth:`ingest_async`.
+        """
         prepared = self.prepare(raw)
         return self.committer.submit(self._job(prepared, envelope, recipients)).result()
 

@@ -202,9 +202,8 @@ class QueryService:
             query = query.where(_from_matches(filters.from_address))
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = _encode_cursor("m", str(rows[-1].seq)) if more else None
+        rows, last = _page(rows, limit)
+        next_cursor = _encode_cursor("m", str(last.seq)) if last is not None else None
         return Page(tuple(_summary(row) for row in rows), next_cursor)
 
     def get_message(self, principal: Principal, message_id: str) -> MessageDetail:
@@ -330,11 +329,9 @@ class QueryService:
             )
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, last = _page(rows, limit)
         next_cursor = None
-        if more:
-            last = rows[-1]
+        if last is not None:
             next_cursor = _encode_cursor("t", f"{last.last_message_at.isoformat()}|{last.id}")
         return Page(tuple(_thread(row) for row in rows), next_cursor)
 
@@ -426,6 +423,13 @@ def _visible(principal: Principal, table: Table) -> ColumnElement[bool]:
         # An agent key without an agent would be a bug: match nothing rather than all.
         return false()
     return and_(in_workspace, table.c.agent_id == principal.agent_id)
+
+
+def _page(rows: Sequence[_Row], limit: int) -> tuple[Sequence[_Row], _Row | None]:
+    """A page from ``limit + 1`` fetched rows, and the row a next cursor continues
+    after (None on the last page)."""
+    page = rows[:limit]
+    return page, (page[-1] if len(rows) > limit else None)
 
 
 def _from_matches(address: str) -> ColumnElement[bool]:
