@@ -11,16 +11,16 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from mailgate.config import Settings, load_settings
+from mailgate.commands import common, mailbox, policy
+from mailgate.commands.common import JsonFlag, emit, err, fail, show_secret
+from mailgate.config import Settings
 from mailgate.errors import MailgateError
 from mailgate.runtime import Runtime
 from mailgate.store import migrate as migrations
@@ -34,18 +34,10 @@ app.add_typer(workspace_app, name="workspace")
 app.add_typer(agent_app, name="agent")
 app.add_typer(key_app, name="key")
 app.add_typer(config_app, name="config")
-
-err = Console(stderr=True)
-T = TypeVar("T")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-class _State:
-    config_file: Path | None = None
-
-
-_state = _State()
+app.add_typer(policy.rules_app, name="rules")
+app.add_typer(policy.contacts_app, name="contacts")
+app.add_typer(mailbox.review_app, name="review")
+app.add_typer(mailbox.trash_app, name="trash")
 
 
 @app.callback()
@@ -54,43 +46,7 @@ def _main(
         Path | None, typer.Option("--config", help="TOML file with settings.", exists=False)
     ] = None,
 ) -> None:
-    _state.config_file = config
-
-
-def _settings(**overrides: Any) -> Settings:
-    return load_settings(_state.config_file, **overrides)
-
-
-def _fail(exc: MailgateError, as_json: bool) -> None:
-    if as_json:
-        payload = {"error": {"code": exc.code, "detail": exc.detail, **exc.extra}}
-        typer.echo(json.dumps(payload, default=str))
-    else:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.detail}", soft_wrap=True)
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _runtime(as_json: bool = False, *, check_migrated: bool = True) -> Iterator[Runtime]:
-    """A runtime for one command; errors become a clean message and exit code 1."""
-    runtime: Runtime | None = None
-    try:
-        runtime = Runtime.build(_settings(), group_commit=False)
-        if check_migrated:
-            migrations.ensure_migrated(runtime.db)
-        yield runtime
-    except MailgateError as exc:
-        _fail(exc, as_json)
-    finally:
-        if runtime is not None:
-            runtime.close()
-
-
-def _emit(as_json: bool, payload: dict[str, Any], human: Callable[[], None]) -> None:
-    if as_json:
-        typer.echo(json.dumps(payload, default=str))
-    else:
-        human()
+    common.state.config_file = config
 
 
 # -- serve / migrate / config ------------------------------------------------------------
@@ -106,9 +62,9 @@ def serve(
     from mailgate.server import serve as run_server
 
     try:
-        settings = _settings(http_listen=http, smtp_listen=smtp)
+        settings = common.settings(http_listen=http, smtp_listen=smtp)
     except MailgateError as exc:
-        _fail(exc, False)
+        fail(exc, False)
         return
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -123,7 +79,7 @@ def serve(
         migrations.ensure_migrated(runtime.db)
     except MailgateError as exc:
         runtime.close()
-        _fail(exc, False)
+        fail(exc, False)
 
     def ready() -> None:
         err.print(
@@ -138,16 +94,16 @@ def serve(
             )
         )
     except MailgateError as exc:
-        _fail(exc, False)
+        fail(exc, False)
 
 
 @app.command()
 def migrate(as_json: JsonFlag = False) -> None:
     """Upgrade the database to the current schema (idempotent)."""
-    with _runtime(as_json, check_migrated=False) as runtime:
+    with common.runtime(as_json, check_migrated=False) as runtime:
         before = migrations.current_revision(runtime.db)
         after = migrations.upgrade(runtime.db)
-        _emit(
+        emit(
             as_json,
             {"from_revision": before, "revision": after},
             lambda: err.print(f"database at revision {after} (was {before or 'empty'})"),
@@ -158,9 +114,9 @@ def migrate(as_json: JsonFlag = False) -> None:
 def config_show(as_json: JsonFlag = False) -> None:
     """Print the effective settings, secrets masked."""
     try:
-        values = _settings().masked()
+        values = common.settings().masked()
     except MailgateError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
         return
     if as_json:
         typer.echo(json.dumps(values, default=str))
@@ -180,12 +136,12 @@ def config_show(as_json: JsonFlag = False) -> None:
 @workspace_app.command("create")
 def workspace_create(name: str, as_json: JsonFlag = False) -> None:
     """Create a workspace with its first owner and owner key (shown once)."""
-    with _runtime(as_json) as runtime:
+    with common.runtime(as_json) as runtime:
         created = runtime.tenancy.create_workspace(name)
-        _emit(
+        emit(
             as_json,
             asdict(created),
-            lambda: _show_secret(
+            lambda: show_secret(
                 f"workspace {created.workspace_id} ({created.name})",
                 "owner key",
                 created.owner_api_key,
@@ -201,15 +157,15 @@ def agent_create(
     as_json: JsonFlag = False,
 ) -> None:
     """Create an agent with its address and an agent key (shown once)."""
-    with _runtime(as_json) as runtime:
+    with common.runtime(as_json) as runtime:
         ws_id = runtime.tenancy.resolve_workspace(workspace)
         created = runtime.tenancy.create_agent(ws_id, name, local_part=address)
         payload = asdict(created)
         payload["scopes"] = list(created.scopes)
-        _emit(
+        emit(
             as_json,
             payload,
-            lambda: _show_secret(
+            lambda: show_secret(
                 f"agent {created.agent_id} <{created.address}>", "agent key", created.api_key
             ),
         )
@@ -226,36 +182,30 @@ def key_create(
     as_json: JsonFlag = False,
 ) -> None:
     """Create an owner key (no --agent) or an agent key."""
-    with _runtime(as_json) as runtime:
+    with common.runtime(as_json) as runtime:
         ws_id = runtime.tenancy.resolve_workspace(workspace)
         created = runtime.tenancy.create_key(
             ws_id, agent_id=agent, scopes=tuple(scope) if scope else None, name=name
         )
         payload = asdict(created)
         payload["scopes"] = list(created.scopes)
-        _emit(
+        emit(
             as_json,
             payload,
-            lambda: _show_secret(f"{created.kind} key {created.key_id}", "key", created.api_key),
+            lambda: show_secret(f"{created.kind} key {created.key_id}", "key", created.api_key),
         )
 
 
 @key_app.command("revoke")
 def key_revoke(key_id: str, as_json: JsonFlag = False) -> None:
     """Revoke a key; requests with it get 401 from now on."""
-    with _runtime(as_json) as runtime:
+    with common.runtime(as_json) as runtime:
         runtime.tenancy.revoke_key(key_id)
-        _emit(
+        emit(
             as_json,
             {"key_id": key_id, "revoked": True},
             lambda: err.print(f"key {key_id} revoked"),
         )
-
-
-def _show_secret(what: str, label: str, secret: str) -> None:
-    err.print(f"created {what}")
-    err.print(f"{label} (shown once, store it now):")
-    typer.echo(secret)
 
 
 # -- demo ------------------------------------------------------------------------------
@@ -269,9 +219,9 @@ def demo(
     from mailgate.demo import run_demo
 
     try:
-        ok = run_demo(_settings(), timeout=timeout, console=Console())
+        ok = run_demo(common.settings(), timeout=timeout, console=Console())
     except MailgateError as exc:
-        _fail(exc, False)
+        fail(exc, False)
         return
     if not ok:
         raise typer.Exit(1)

@@ -118,6 +118,80 @@ class Settings(BaseSettings):
     database_password: SecretStr | None = Field(
         None, description="Password merged into database_url (keeps it out of the URL)."
     )
+    # -- sender authentication (SMTP ingress) ----------------------------------------
+    sender_auth: bool = Field(
+        True,
+        description="Check SPF, DKIM, DMARC and ARC on SMTP mail and prepend an "
+        "Authentication-Results header. Off: nothing is checked, rules see 'none'.",
+    )
+    authserv_id: str = Field(
+        "",
+        description="authserv-id of our Authentication-Results headers (incoming ones "
+        "claiming it are removed). Empty means smtp_hostname.",
+    )
+    dns_nameservers: list[str] = Field(
+        default_factory=list,
+        description="Resolvers for sender authentication as ip or ip:port; empty means "
+        "the system's (/etc/resolv.conf).",
+    )
+    dns_timeout_seconds: float = Field(
+        2.0, gt=0, description="Timeout of one DNS query made by sender authentication."
+    )
+    sender_auth_budget_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="DNS time one message's sender authentication may spend in all; "
+        "past it the remaining checks are temperror and the message is still accepted.",
+    )
+    # -- provider webhooks (each endpoint is off until its secret is set) -------------
+    inbound_max_body_bytes: int = Field(
+        0,
+        ge=0,
+        description="Largest webhook request body, in bytes; refused with 413 before it "
+        "is read whole. 0 means max_message_size * 1.4 + 64 KiB (base64 and form "
+        "overhead); the message built from it must still fit max_message_size.",
+    )
+    inbound_sendgrid_secret: SecretStr | None = Field(
+        None,
+        description="Enables POST /inbound/sendgrid: give it as the last path segment "
+        "(/inbound/sendgrid/<secret>) or as the basic-auth password.",
+    )
+    inbound_sendgrid_user: str = Field(
+        "sendgrid", description="Basic-auth user name expected with inbound_sendgrid_secret."
+    )
+    inbound_mailgun_signing_key: SecretStr | None = Field(
+        None, description="Enables POST /inbound/mailgun: the Mailgun HTTP webhook signing key."
+    )
+    inbound_mailgun_max_age_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Mailgun timestamps further than this from now are refused (replay).",
+    )
+    inbound_postmark_user: str = Field(
+        "postmark", description="Basic-auth user name for POST /inbound/postmark."
+    )
+    inbound_postmark_password: SecretStr | None = Field(
+        None, description="Enables POST /inbound/postmark: its basic-auth password."
+    )
+    inbound_raw_token: SecretStr | None = Field(
+        None, description="Enables POST /inbound/raw: the bearer token callers present."
+    )
+    webhook_receipt_days: float = Field(
+        4.0,
+        gt=0,
+        description="How long a provider event id is remembered for de-duplication "
+        "(longer than any provider retries: SendGrid 3 days, Mailgun 8 h).",
+    )
+    # -- mailbox ----------------------------------------------------------------------
+    trash_retention_days: float = Field(
+        30.0,
+        gt=0,
+        description="Trashed messages are purged this long after they were trashed, "
+        "with blobs no other message uses.",
+    )
+    retention_interval_seconds: float = Field(
+        3600.0, gt=0, description="How often serve runs the retention job."
+    )
 
     @field_validator("http_listen", "smtp_listen")
     @classmethod
@@ -142,6 +216,16 @@ class Settings(BaseSettings):
 
         url = make_url(self.database_url).set(password=self.database_password.get_secret_value())
         return url.render_as_string(hide_password=False)
+
+    @property
+    def effective_authserv_id(self) -> str:
+        return self.authserv_id or self.smtp_hostname
+
+    @property
+    def effective_inbound_max_body(self) -> int:
+        if self.inbound_max_body_bytes:
+            return self.inbound_max_body_bytes
+        return int(self.max_message_size * 1.4) + 64 * 1024
 
     @property
     def effective_blob_dir(self) -> Path:

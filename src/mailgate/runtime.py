@@ -14,7 +14,10 @@ from mailgate.config import Settings
 from mailgate.domain.mime import ParseLimits
 from mailgate.services.feed import FeedNotifier, FeedService
 from mailgate.services.ingest import IngestService
+from mailgate.services.mailbox import MailboxService
+from mailgate.services.policy import PolicyCache
 from mailgate.services.queries import QueryService
+from mailgate.services.rules_admin import RulesService
 from mailgate.services.tenancy import TenancyService
 from mailgate.store.blobs import BlobStore, LocalBlobStore, TieredBlobStore
 from mailgate.store.committer import (
@@ -38,6 +41,9 @@ class Runtime:
     ingest: IngestService
     feed: FeedService
     queries: QueryService
+    policies: PolicyCache
+    rules: RulesService
+    mailbox: MailboxService
     _closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -71,6 +77,7 @@ class Runtime:
         limits = ParseLimits(
             max_header_bytes=settings.max_header_bytes, max_parts=settings.max_mime_parts
         )
+        policies = PolicyCache(ttl=settings.recipient_cache_seconds)
         return cls(
             settings=settings,
             db=db,
@@ -93,6 +100,15 @@ class Runtime:
             ),
             feed=FeedService(db, settings, clock, notifier),
             queries=QueryService(db, blob_store),
+            policies=policies,
+            rules=RulesService(db, clock, policies, blob_store, limits),
+            mailbox=MailboxService(
+                db,
+                committer,
+                blob_store,
+                clock,
+                trash_retention=timedelta(days=settings.trash_retention_days),
+            ),
         )
 
     async def attach_loop(self) -> None:

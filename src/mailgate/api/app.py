@@ -11,7 +11,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from mailgate.api import errors, v1
+from mailgate.api import errors, inbound, mailbox, policy, v1
 from mailgate.runtime import Runtime
 
 
@@ -26,5 +26,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     app.include_router(v1.router)
+    app.include_router(policy.router)
+    app.include_router(mailbox.router)
+    app.include_router(inbound.router)
     app.include_router(v1.ops)
     return app

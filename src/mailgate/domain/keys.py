@@ -21,7 +21,16 @@ EVENTS_READ: Final = "events:read"
 EVENTS_ACK: Final = "events:ack"
 MESSAGES_REPLY: Final = "messages:reply"
 MESSAGES_SEND: Final = "messages:send"
-AGENT_SCOPES: Final = (MESSAGES_READ, EVENTS_READ, EVENTS_ACK, MESSAGES_REPLY, MESSAGES_SEND)
+MESSAGES_WRITE: Final = "messages:write"
+"""Organise the agent's own mailbox: trash and restore (soft, reversible, audited)."""
+AGENT_SCOPES: Final = (
+    MESSAGES_READ,
+    EVENTS_READ,
+    EVENTS_ACK,
+    MESSAGES_REPLY,
+    MESSAGES_SEND,
+    MESSAGES_WRITE,
+)
 
 _KEY_PREFIX = "mg"
 

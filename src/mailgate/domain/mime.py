@@ -989,6 +989,31 @@ def _parse(ctx: _Context, raw: bytes) -> ParsedMessage:
     )
 
 
+def header_fields(
+    raw: bytes, limits: ParseLimits = DEFAULT_LIMITS
+) -> tuple[tuple[str, str], ...]:
+    """Every top-level header field as ``(name, decoded value)``, in message order.
+
+    For rules that test arbitrary headers (``header:List-Id``), so it is computed only
+    when a rule set needs it. Decoded like the fields `parse_message` reads (8-bit
+    fixed, unfolded, encoded-words decoded); a field over ``max_header_bytes`` is
+    left out rather than decoded. Never raises.
+    """
+    ctx = _Context(limits)
+    try:
+        msg = _feed_parse(raw, headersonly=True)
+    except Exception:  # a message we cannot read has no headers to test
+        return ()
+    out: list[tuple[str, str]] = []
+    for key, value in msg.raw_items():
+        text = str(value)
+        if len(text) > limits.max_header_bytes:
+            continue
+        fixed, _ = _fix_8bit(text)
+        out.append((key.strip(), _clean(_decode_words(ctx, key, _unfold(fixed)))))
+    return tuple(out)
+
+
 def parse_message(raw: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedMessage:
     """Parse raw RFC 5322 bytes into a `ParsedMessage`.
 

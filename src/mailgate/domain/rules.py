@@ -586,6 +586,29 @@ class AuthResults:
     """The ``d=`` domains of signatures that verified."""
     dmarc: str = "none"
 
+    def as_dict(self) -> dict[str, Any]:
+        """The keys stored in ``messages.auth_results`` that rules read back."""
+        return {
+            "spf": self.spf,
+            "spf_domain": self.spf_domain,
+            "dkim": self.dkim,
+            "dkim_domains": list(self.dkim_domains),
+            "dmarc": self.dmarc,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> AuthResults:
+        """Read back :meth:`as_dict` (extra keys ignored; None or missing = ``none``)."""
+        if not data:
+            return cls()
+        return cls(
+            spf=str(data.get("spf") or "none"),
+            spf_domain=data.get("spf_domain") or None,
+            dkim=str(data.get("dkim") or "none"),
+            dkim_domains=tuple(str(d) for d in data.get("dkim_domains") or ()),
+            dmarc=str(data.get("dmarc") or "none"),
+        )
+
     @classmethod
     def from_verdicts(cls, results: authres.AuthResults) -> AuthResults:
         """What rules see of the sender-authentication service's full verdicts."""
@@ -950,6 +973,8 @@ class CompiledRuleSet:
     """position -> full predicate of each gated rule, run only when its gate is hit."""
     generic: tuple[tuple[int, _Predicate], ...] = ()
     """Rules answered by none of the above, with their positions, in order."""
+    needs_headers: bool = False
+    """Some rule tests ``header:<Name>``: only then does ingest decode every header."""
 
     @classmethod
     def compile(
@@ -1021,6 +1046,7 @@ class CompiledRuleSet:
             ),
             gated=gated,
             generic=tuple(generic),
+            needs_headers=any(_tests_headers(c.rule.condition) for c in compiled),
         )
 
     def evaluate(self, facts: MessageFacts, *, explain: bool = False) -> RuleDecision:
@@ -1095,6 +1121,14 @@ class CompiledRuleSet:
                 )
         decision = _no_match(self.rules)
         return RuleDecision(action=decision.action, reasons=decision.reasons, trace=tuple(traces))
+
+
+def _tests_headers(node: Node) -> bool:
+    if isinstance(node, Condition):
+        return node.field.startswith(_HEADER_PREFIX)
+    if isinstance(node, Not):
+        return _tests_headers(node.child)
+    return any(_tests_headers(child) for child in node.children)
 
 
 def _no_match(rules: tuple[_Compiled, ...]) -> RuleDecision:
@@ -1173,15 +1207,23 @@ def sender_authenticated(facts: MessageFacts) -> str | None:
 
 
 def decide_inbound(
-    ruleset: CompiledRuleSet, facts: MessageFacts, *, explain: bool = False
+    ruleset: CompiledRuleSet,
+    facts: MessageFacts,
+    *,
+    explain: bool = False,
+    auto_approved: bool | None = None,
 ) -> RuleDecision:
     """The full inbound decision: an authenticated known contact skips the rules,
     anyone else (including a spoofed From: of a known contact) goes through them.
 
-    The reasons say which happened, so a human reading a held message can tell a
-    spoof that was caught from a contact that was trusted.
+    ``auto_approved`` says whether the sender is a contact allowed to skip the rules
+    (a known contact may be merely known, or the workspace may have turned the bypass
+    off); by default every known contact is. The reasons say which happened, so a
+    human reading a held message can tell a caught spoof from a trusted contact.
     """
-    if facts.known_contact:
+    if auto_approved is None:
+        auto_approved = facts.known_contact
+    if auto_approved:
         why = sender_authenticated(facts)
         if why is not None:
             return RuleDecision(

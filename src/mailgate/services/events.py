@@ -12,6 +12,16 @@ from mailgate.ids import new_id
 from mailgate.store.schema import events
 
 MESSAGE_RECEIVED = "message.received"
+"""Mail reached the agent (delivered by ingest, released from review, or restored
+into the inbox for the first time). The only event that hands content to an agent."""
+MESSAGE_HELD = "message.held"
+"""A rule held inbound mail for review by a human (workspace-scoped: owners only)."""
+MESSAGE_QUARANTINED = "message.quarantined"
+"""A rule quarantined inbound mail (workspace-scoped: owners only)."""
+MESSAGE_RELEASED = "message.released"
+"""An owner released held or quarantined mail to the agent."""
+MESSAGE_TRASHED = "message.trashed"
+MESSAGE_RESTORED = "message.restored"
 
 
 def event_row(

@@ -87,6 +87,11 @@ workspaces = Table(
     _id(),
     Column("name", String(200), nullable=False),
     _created(),
+    # An authenticated, auto-approved known contact skips the rules (DESIGN §3).
+    Column("contacts_bypass", Boolean, nullable=False, server_default=text("true")),
+    # Bumped by every change to the workspace's default rules or contacts, so each
+    # process's compiled-policy cache can tell it is stale (services/policy.py).
+    Column("policy_version", Integer, nullable=False, server_default=text("0")),
 )
 
 owners = Table(
@@ -106,6 +111,7 @@ agents = Table(
     _fk("workspaces.id"),
     Column("name", String(200), nullable=False),
     _created(),
+    Column("policy_version", Integer, nullable=False, server_default=text("0")),
     UniqueConstraint("workspace_id", "name"),
 )
 
@@ -196,12 +202,22 @@ messages = Table(
     Column("client_address", String(100)),
     Column("helo", String(300)),
     Column("received_at", UtcDateTime(), nullable=False),
+    # When the message first reached the agent (inbox); NULL while it was only ever
+    # held, quarantined or trashed by a rule. Agent keys see only visible messages.
+    Column("visible_at", UtcDateTime()),
+    # Where `restore` puts a trashed message back; where release came from.
+    Column("previous_folder", String(20)),
+    Column("folder_changed_at", UtcDateTime()),  # trash retention counts from here
+    Column("decision", JSON),  # RuleDecision.as_dict(): action, rule id, reasons
+    Column("auth_results", JSON),  # sender authentication, structured
     UniqueConstraint("agent_id", "dedup_key"),
     Index(None, "agent_id", "folder", "seq"),
     Index(None, "thread_id", "seq"),
     Index(None, "workspace_id", "seq"),
     Index(None, "agent_id", "from_address", "seq"),
     Index(None, "workspace_id", "from_address", "seq"),
+    Index(None, "workspace_id", "folder", "seq"),
+    Index(None, "folder", "folder_changed_at"),
 )
 
 attachments = Table(
@@ -300,6 +316,57 @@ blobs = Table(
     Column("sha256", String(64), primary_key=True),
     Column("size", BigInteger, nullable=False),
     Column("data", LargeBinary, nullable=False),
+)
+
+# Ordered inbound/outbound rules: agent_id NULL = a workspace default, run after the
+# agent's own. The condition is the JSON of mailgate.domain.rules (validated on write).
+rules = Table(
+    "rules",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    _fk("agents.id", nullable=True),
+    Column("name", String(200), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("direction", String(10), nullable=False),
+    Column("action", String(20), nullable=False),
+    Column("condition", JSON, nullable=False),
+    _created(),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Index(None, "workspace_id", "agent_id", "position"),
+)
+
+# Known senders. scope is the agent id, or "*" for the whole workspace, so that one
+# unique index covers both (NULLs would not collide in a unique index).
+contacts = Table(
+    "contacts",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    _fk("agents.id", nullable=True),
+    Column("scope", String(40), nullable=False),
+    Column("kind", String(10), nullable=False),  # address | domain
+    Column("value", String(320), nullable=False),  # lower-cased
+    Column("name", String(200), nullable=False),
+    Column("auto_approve", Boolean, nullable=False),
+    _created(),
+    UniqueConstraint("workspace_id", "scope", "value"),
+)
+
+# Provider deliveries already accepted (Mailgun token, Postmark MessageID): a retry is
+# answered from here, and a replayed token with a different body is refused. Written
+# in the ingest transaction; rows expire after the provider's retry window.
+webhook_receipts = Table(
+    "webhook_receipts",
+    metadata,
+    Column("provider", String(20), primary_key=True),
+    Column("event_id", String(200), primary_key=True),
+    Column("body_sha256", String(64), nullable=False),
+    Column("results", JSON, nullable=False),  # [{"agent_id", "message_id", "thread_id"}]
+    _created(),
+    Column("expires_at", UtcDateTime(), nullable=False),
+    Index(None, "expires_at"),
 )
 
 audit_log = Table(
