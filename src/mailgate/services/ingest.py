@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailgate.clock import Clock
+from mailgate.domain import rules
 from mailgate.domain.mime import ParsedMessage, ParseLimits, parse_message
 from mailgate.domain.threads import (
     ThreadCandidate,
@@ -55,6 +56,36 @@ LOOP_PARSE_MAX = 32 * 1024  # bytes: parse on the event loop up to this size
 
 
 @dataclass(frozen=True, slots=True)
+class SenderAuth:
+    """What was verified about the sender, before the message reached ingest.
+
+    SMTP ingress fills it from our own SPF/DKIM/DMARC/ARC checks (with ``header``, the
+    ``Authentication-Results`` field to prepend); a webhook from the verdicts its
+    provider reported (no header: they are the provider's claims, not our checks).
+    """
+
+    facts: rules.AuthResults
+    """What rules and the known-contact bypass see."""
+    record: Mapping[str, Any]
+    """Stored as ``messages.auth_results`` (JSON); includes ``facts.as_dict()``."""
+    header: str | None = None
+    """``Authentication-Results: <authserv-id>; ...`` without CRLF, or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A provider's id for one delivery, remembered so its retries are answered again.
+
+    ``strict``: the id is also an anti-replay token (Mailgun's signed ``token``), so
+    the same id with a different body is refused rather than acknowledged.
+    """
+
+    provider: str
+    event_id: str
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """What the transport said about the message (kept beside, never inside, the raw)."""
 
@@ -62,6 +93,9 @@ class Envelope:
     client_address: str | None = None
     helo: str | None = None
     source: str = "smtp"
+    auth: SenderAuth | None = None
+    """None when sender authentication is off: rules see ``none`` verdicts."""
+    receipt: Receipt | None = None
 
 
 @dataclass(frozen=True, slots=True)
