@@ -93,6 +93,9 @@ def _mailgate_env(data_dir: Path, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGATE_")}
     env["MAILGATE_DATA_DIR"] = str(data_dir)
     env["MAILGATE_SHUTDOWN_GRACE_SECONDS"] = "2"
+    # The store path is measured, not DNS: sender authentication would query the
+    # machine's resolver (unreachable or remote here) for every message.
+    env["MAILGATE_SENDER_AUTH"] = "false"
     env.update(extra)
     return env
 

@@ -20,6 +20,11 @@ from mailgate.runtime import Runtime
 from mailgate.store import migrate
 from mailgate.store.db import Database
 
+# Tests never reach the internet, DNS included: sender authentication is off unless a
+# test turns it on with its own loopback DNS server (mailgate.testing.dns). Set in the
+# environment so that gateways started as subprocesses inherit it too.
+os.environ["MAILGATE_SENDER_AUTH"] = "false"
+
 PG_ADMIN_URL = os.environ.get(
     "MAILGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

@@ -9,9 +9,12 @@ Callers branch on the class or ``code``, never on message text::
     ├── BadRequest                  400  bad_request
     │   └── ValidationFailed        422  validation_failed
     ├── Unauthorized                401  invalid_api_key
+    │   └── InvalidSignature        401  invalid_signature       (webhook auth)
     ├── Forbidden                   403  missing_scope
     ├── NotFound                    404  not_found
+    │   └── UnknownRecipient        404  unknown_recipient       (webhooks pick a status)
     ├── Conflict                    409  conflict
+    │   └── InvalidTransition       409  invalid_folder_transition
     ├── PayloadTooLarge             413  message_too_large
     ├── ConfigError                 500  invalid_config          (start-up only)
     ├── DatabaseNotMigrated         503  database_not_migrated   (start-up only)
@@ -59,6 +62,13 @@ class Unauthorized(MailgateError):
     title = "Unauthorized"
 
 
+class InvalidSignature(Unauthorized):
+    """A provider webhook's credentials, signature, timestamp or token do not hold;
+    ``extra['reason']`` says which (``bad_signature``, ``replayed_token``, ...)."""
+
+    code = "invalid_signature"
+
+
 class Forbidden(MailgateError):
     """The key is valid but lacks the scope (or role) the operation needs."""
 
@@ -75,10 +85,26 @@ class NotFound(MailgateError):
     title = "Not found"
 
 
+class UnknownRecipient(NotFound):
+    """None of a delivery's recipients is an agent address. Webhook edges answer with
+    the status that makes their provider stop retrying (Mailgun 406, Postmark 403)."""
+
+    code = "unknown_recipient"
+    title = "Unknown recipient"
+
+
 class Conflict(MailgateError):
     code = "conflict"
     status = 409
     title = "Conflict"
+
+
+class InvalidTransition(Conflict):
+    """The message is not in a folder the operation applies to (e.g. restoring mail
+    that is not in the trash, or a second release that lost the race)."""
+
+    code = "invalid_folder_transition"
+    title = "Invalid folder transition"
 
 
 class PayloadTooLarge(MailgateError):

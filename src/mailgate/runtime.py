@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from mailgate.clock import Clock, SystemClock
-from mailgate.config import Settings
+from mailgate.config import Settings, parse_listen
 from mailgate.domain.mime import ParseLimits
 from mailgate.services.feed import FeedNotifier, FeedService
 from mailgate.services.ingest import IngestService
@@ -18,6 +18,7 @@ from mailgate.services.mailbox import MailboxService
 from mailgate.services.policy import PolicyCache
 from mailgate.services.queries import QueryService
 from mailgate.services.rules_admin import RulesService
+from mailgate.services.sender_auth import DnsPythonResolver, SenderAuthenticator
 from mailgate.services.tenancy import TenancyService
 from mailgate.store.blobs import BlobStore, LocalBlobStore, TieredBlobStore
 from mailgate.store.committer import (
@@ -44,6 +45,8 @@ class Runtime:
     policies: PolicyCache
     rules: RulesService
     mailbox: MailboxService
+    sender_auth: SenderAuthenticator | None
+    """None when ``settings.sender_auth`` is off."""
     _closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -97,6 +100,9 @@ class Runtime:
                 clock,
                 limits=limits,
                 thread_window=timedelta(days=settings.thread_window_days),
+                policies=policies,
+                authserv_id=settings.effective_authserv_id,
+                receipt_days=settings.webhook_receipt_days,
             ),
             feed=FeedService(db, settings, clock, notifier),
             queries=QueryService(db, blob_store),
@@ -109,6 +115,7 @@ class Runtime:
                 clock,
                 trash_retention=timedelta(days=settings.trash_retention_days),
             ),
+            sender_auth=_sender_authenticator(settings),
         )
 
     async def attach_loop(self) -> None:
@@ -126,3 +133,23 @@ class Runtime:
         if isinstance(self.committer, GroupCommitter | LoopGroupCommitter):
             self.committer.stop()
         self.db.dispose()
+
+
+def _sender_authenticator(settings: Settings) -> SenderAuthenticator | None:
+    """SPF/DKIM/DMARC/ARC checks over the configured resolvers (``ip`` or ``ip:port``;
+    dnspython queries every nameserver on one port, so the first entry's port is used)."""
+    if not settings.sender_auth:
+        return None
+    nameservers: list[str] | None = None
+    port = 53
+    if settings.dns_nameservers:
+        nameservers = []
+        for entry in settings.dns_nameservers:
+            if entry.startswith("[") or entry.count(":") == 1:  # [v6]:port or v4:port
+                host, entry_port = parse_listen(entry)
+                port = port if nameservers else entry_port
+                nameservers.append(host)
+            else:  # a bare IPv4 or IPv6 address
+                nameservers.append(entry)
+    resolver = DnsPythonResolver(nameservers, port=port, timeout=settings.dns_timeout_seconds)
+    return SenderAuthenticator(resolver, budget_seconds=settings.sender_auth_budget_seconds)

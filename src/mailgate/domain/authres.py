@@ -391,3 +391,57 @@ def strip_forged_authentication_results(
     """``headers`` without the fields :func:`forged_authentication_results` finds."""
     drop = set(forged_authentication_results(headers, authserv_id))
     return [field for index, field in enumerate(headers) if index not in drop]
+
+
+def _header_end(raw: bytes) -> int:
+    """Offset of the blank line ending the header block (``len(raw)`` when none)."""
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    if raw.startswith((b"\r\n", b"\n")):
+        return 0
+    return min(ends) if ends else len(raw)
+
+
+def stamp_message(raw: bytes, header: str | None, authserv_id: str) -> bytes:
+    """The bytes we store: ``raw`` with forged fields removed and our own prepended.
+
+    What an MTA does on receipt (RFC 8601 §5): fields claiming ``authserv_id`` are
+    removed, whole (continuation lines included), and our ``header`` (a complete
+    ``Authentication-Results: ...`` field, may be None) goes on top, with the line
+    ending the message itself uses. Every other byte is kept as received, so the
+    stored copy is the received one plus a trace field, like a ``Received:`` line.
+    """
+    end = _header_end(raw)
+    block = raw[:end]
+    if b"authentication-results" in block.lower():
+        kept: list[bytes] = []
+        dropping = False
+        ours = authserv_id.strip().lower()
+        for line in block.splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t"):
+                if not dropping:
+                    kept.append(line)
+                continue
+            name, sep, value = line.partition(b":")
+            dropping = bool(sep) and (
+                name.strip().lower() == b"authentication-results"
+                and authserv_id_of(value.decode("latin-1")) == ours
+            )
+            if not dropping:
+                kept.append(line)
+        stripped = b"".join(kept)
+        rest = raw[end:]
+        # The block's last line has no line end of its own: the separator supplies it.
+        # If that last field was dropped, the kept text now ends with a line end that
+        # would double the separator's, so it goes (and with no field left, the
+        # separator's first line end goes instead).
+        if stripped.endswith(b"\n"):
+            stripped = stripped[: -2 if stripped.endswith(b"\r\n") else -1]
+        elif not stripped and rest:
+            rest = rest[2:] if rest.startswith(b"\r\n") else rest[1:]
+        raw = stripped + rest
+    if header is None:
+        return raw
+    first_end = raw.find(b"\n")
+    newline = b"\n" if first_end > 0 and raw[first_end - 1 : first_end] != b"\r" else b"\r\n"
+    field = header.encode("utf-8").replace(b"\r\n", newline)
+    return field + newline + raw

@@ -57,7 +57,8 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from mailgate.config import Settings
 from mailgate.errors import ConfigError
 from mailgate.runtime import Runtime
-from mailgate.services.ingest import Envelope, IngestService
+from mailgate.services.ingest import Envelope, IngestService, SenderAuth
+from mailgate.services.sender_auth import SenderAuthenticator
 from mailgate.services.tenancy import Recipient, TenancyService
 
 __all__ = ["SmtpIngress", "has_bare_line_ending", "read_data"]
@@ -200,10 +201,18 @@ class _Transaction(SmtpEnvelope):
 class _Handler:
     """aiosmtpd hooks: each parses, calls one service and maps the outcome to a reply."""
 
-    def __init__(self, tenancy: TenancyService, ingest: IngestService, settings: Settings) -> None:
+    def __init__(
+        self,
+        tenancy: TenancyService,
+        ingest: IngestService,
+        settings: Settings,
+        sender_auth: SenderAuthenticator | None = None,
+    ) -> None:
         self.tenancy = tenancy
         self.ingest = ingest
         self.max_recipients = settings.smtp_max_recipients
+        self.sender_auth = sender_auth
+        self.authserv_id = settings.effective_authserv_id
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: _Transaction, hostname: str,
@@ -268,8 +277,10 @@ class _Handler:
         client = str(peer[0]) if isinstance(peer, tuple) else peer
         # aiosmtpd keeps the null reverse-path (RFC 5321 §4.5.5, bounces) as "<>".
         mail_from = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
-        details = Envelope(mail_from, client_address=client, helo=session.host_name)
+        helo = session.host_name
         try:
+            auth = await self._authenticate(raw, mail_from, client, helo)
+            details = Envelope(mail_from, client_address=client, helo=helo, auth=auth)
             stored = await self.ingest.ingest_async(raw, details, envelope.recipients)
         except Exception:
             log.exception("ingest failed for a message from %r; answering 451", client)
@@ -282,6 +293,22 @@ class _Handler:
         first = stored[0].message_id if stored else "nothing"
         more = f" (+{len(stored) - 1} more)" if len(stored) > 1 else ""
         return f"250 2.0.0 OK: stored as {first}{more}"
+
+    async def _authenticate(
+        self, raw: bytes, mail_from: str, client: str | None, helo: str | None
+    ) -> SenderAuth | None:
+        """SPF/DKIM/DMARC/ARC in a worker thread (blocking DNS, bounded by the budget),
+        before and outside the ingest transaction; None when checks are off."""
+        if self.sender_auth is None:
+            return None
+        return await asyncio.to_thread(
+            self.sender_auth.check,
+            raw,
+            mail_from=mail_from,
+            client_ip=client or "",
+            helo=helo or "",
+            authserv_id=self.authserv_id,
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug in a hook must not leak its text to the client; log it and ask for a retry."""
@@ -522,7 +549,9 @@ class SmtpIngress:
             ConfigError: the TLS settings are inconsistent or unreadable.
         """
         self.settings = runtime.settings
-        self._handler = _Handler(runtime.tenancy, runtime.ingest, runtime.settings)
+        self._handler = _Handler(
+            runtime.tenancy, runtime.ingest, runtime.settings, runtime.sender_auth
+        )
         self._tls = _tls_context(runtime.settings)
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mailgate.clock import Clock
 from mailgate.domain import rules
+from mailgate.domain.authres import stamp_message
 from mailgate.domain.mime import ParsedMessage, ParseLimits, parse_message
 from mailgate.domain.threads import (
     ThreadCandidate,
@@ -35,8 +36,16 @@ from mailgate.domain.threads import (
     reference_keys,
     subject_key,
 )
+from mailgate.errors import InvalidSignature
 from mailgate.ids import new_id
-from mailgate.services.events import MESSAGE_RECEIVED, event_row
+from mailgate.services.events import (
+    MESSAGE_HELD,
+    MESSAGE_QUARANTINED,
+    MESSAGE_RECEIVED,
+    MESSAGE_TRASHED,
+    event_row,
+)
+from mailgate.services.policy import PolicyCache
 from mailgate.services.tenancy import Recipient
 from mailgate.store.blobs import TieredBlobStore
 from mailgate.store.committer import BatchJob, Committer
@@ -44,13 +53,23 @@ from mailgate.store.dialect import insert_ignoring_conflicts
 from mailgate.store.schema import (
     UtcDateTime,
     attachments,
+    audit_log,
     events,
     messages,
     thread_refs,
     threads,
+    webhook_receipts,
 )
 
 GENERATED_ID_DOMAIN = "mailgate.invalid"
+FOLDER_OF_ACTION: Mapping[str, str] = {
+    "deliver": "inbox",
+    "review": "review",
+    "quarantine": "quarantine",
+    "trash": "trash",
+}
+"""Where an inbound rule decision files the message."""
+_NOT_CHECKED = rules.AuthResults()
 MAX_THREAD_PARTICIPANTS = 100
 LOOP_PARSE_MAX = 32 * 1024  # bytes: parse on the event loop up to this size
 
@@ -112,9 +131,16 @@ class Stored:
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A parsed message ready to commit: large blobs already durable as files, small
-    ones (``inline_blobs``, as ``(data, sha256)``) to be written in the transaction."""
+    ones (``inline_blobs``, as ``(data, sha256)``) to be written in the transaction.
 
+    ``raw`` is what we store: the received bytes with our ``Authentication-Results``
+    on top and forged ones removed. ``received_sha256`` is the hash of the bytes as
+    received, which dedup uses, so a redelivery dedups whatever its checks said.
+    """
+
+    raw: bytes
     raw_sha256: str
+    received_sha256: str
     raw_size: int
     parsed: ParsedMessage
     rfc_message_id: str
@@ -132,16 +158,26 @@ class IngestService:
         *,
         limits: ParseLimits | None = None,
         thread_window: timedelta = timedelta(days=14),
+        policies: PolicyCache | None = None,
+        authserv_id: str = "mailgate.localhost",
+        receipt_days: float = 4.0,
     ) -> None:
         self.committer = committer
         self.blobs = blobs
         self.clock = clock
         self.limits = limits or ParseLimits()
         self.thread_window = thread_window
+        self.policies = policies or PolicyCache()
+        self.authserv_id = authserv_id
+        self.receipt_days = receipt_days
 
-    def prepare(self, raw: bytes) -> Prepared:
-        """Parse, and write large blobs: the CPU and disk work that needs no transaction."""
-        raw_sha = hashlib.sha256(raw).hexdigest()
+    def prepare(self, raw: bytes, envelope: Envelope | None = None) -> Prepared:
+        """Stamp, parse, and write large blobs: the work that needs no transaction."""
+        received_sha = hashlib.sha256(raw).hexdigest()
+        header = envelope.auth.header if envelope is not None and envelope.auth else None
+        stored = stamp_message(raw, header, self.authserv_id)
+        raw_sha = received_sha if stored is raw else hashlib.sha256(stored).hexdigest()
+        raw = stored
         parsed = parse_message(raw, self.limits)
         inline: list[tuple[bytes, str]] = []
 
@@ -159,8 +195,10 @@ class IngestService:
             rfc_id, generated = parsed.message_id, False
         else:
             # Derived from the bytes, so a redelivered copy gets the same id and dedups.
-            rfc_id, generated = f"{raw_sha[:32]}@{GENERATED_ID_DOMAIN}", True
-        return Prepared(raw_sha, len(raw), parsed, rfc_id, generated, shas, tuple(inline))
+            rfc_id, generated = f"{received_sha[:32]}@{GENERATED_ID_DOMAIN}", True
+        return Prepared(
+            raw, raw_sha, received_sha, len(raw), parsed, rfc_id, generated, shas, tuple(inline)
+        )
 
     def ingest(
         self, raw: bytes, envelope: Envelope, recipients: Sequence[Recipient]
@@ -171,7 +209,7 @@ class IngestService:
         the CLI), never on the event loop, whose loop committer would then wait on
         itself; there use :meth:`ingest_async`.
         """
-        prepared = self.prepare(raw)
+        prepared = self.prepare(raw, envelope)
         return self.committer.submit(self._job(prepared, envelope, recipients)).result()
 
     async def ingest_async(
@@ -184,9 +222,9 @@ class IngestService:
         no file I/O happens on the loop. Larger ones are prepared in a thread.
         """
         if len(raw) <= LOOP_PARSE_MAX and self.blobs.inlines(len(raw)):
-            prepared = self.prepare(raw)
+            prepared = self.prepare(raw, envelope)
         else:
-            prepared = await asyncio.to_thread(self.prepare, raw)
+            prepared = await asyncio.to_thread(self.prepare, raw, envelope)
         future = self.committer.submit(self._job(prepared, envelope, recipients))
         return await asyncio.wrap_future(future)
 
@@ -236,7 +274,7 @@ class IngestService:
         then one ``executemany`` per table. Per-statement overhead, not SQL, was most
         of the cost of storing a 4 KB message one statement at a time.
         """
-        return _Batch(conn, self.blobs, items, self.clock.now(), self.thread_window).run()
+        return _Batch(self, conn, items, self.clock.now()).run()
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,27 +301,24 @@ class _Batch:
 
     def __init__(
         self,
+        service: IngestService,
         conn: Connection,
-        blob_store: TieredBlobStore,
         items: Sequence[tuple[Prepared, Envelope, Sequence[Recipient]]],
         now: datetime,
-        thread_window: timedelta,
     ) -> None:
+        self.service = service
         self.conn = conn
-        self.blob_store = blob_store
+        self.blob_store = service.blobs
         self.now = now
-        self.thread_window = thread_window
+        self.thread_window = service.thread_window
+        self.items = items
         self.units: list[_Unit] = []
-        for index, (prepared, envelope, recipients) in enumerate(items):
-            dedup_key = hashlib.sha256(
-                f"{prepared.rfc_message_id}\x00{prepared.raw_sha256}".encode()
-            ).hexdigest()
-            agents: set[str] = set()
-            for recipient in recipients:
-                if recipient.agent_id not in agents:
-                    agents.add(recipient.agent_id)
-                    self.units.append(_Unit(index, prepared, envelope, recipient, dedup_key))
         self.results: list[list[Stored]] = [[] for _ in items]
+        self.answered: set[int] = set()
+        """Items answered from a provider receipt: they store nothing."""
+        self.copies: dict[int, int] = {}
+        """Item -> the earlier item of this batch carrying the same provider event."""
+        self.new_receipts: list[dict[str, Any]] = []
         self.new_threads: dict[str, dict[str, Any]] = {}
         # threads that existed before this batch: id -> (new participants, new messages)
         self.touched: dict[str, tuple[set[str], int]] = {}
@@ -291,25 +326,124 @@ class _Batch:
         self.messages: list[dict[str, Any]] = []
         self.attachments: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self.audits: list[dict[str, Any]] = []
         self.blobs: dict[str, bytes] = {}
 
     def run(self) -> list[list[Stored]]:
-        if not self.units:
-            return self.results
-        stored = self._load_duplicates()
-        refs = self._load_refs()
-        candidates = self._load_subject_candidates(refs)
-        for unit in self.units:
-            key = (unit.agent_id, unit.dedup_key)
-            found = stored.get(key)
-            if found is not None:
-                result = Stored(unit.agent_id, found[0], found[1], True, "duplicate")
-            else:
-                result = self._add(unit, refs, candidates)
-                stored[key] = (result.message_id, result.thread_id)
-            self.results[unit.item].append(result)
+        self._answer_from_receipts()
+        self._plan_units()
+        if self.units:
+            stored = self._load_duplicates()
+            refs = self._load_refs()
+            candidates = self._load_subject_candidates(refs)
+            for unit in self.units:
+                key = (unit.agent_id, unit.dedup_key)
+                found = stored.get(key)
+                if found is not None:
+                    result = Stored(unit.agent_id, found[0], found[1], True, "duplicate")
+                else:
+                    result = self._add(unit, refs, candidates)
+                    stored[key] = (result.message_id, result.thread_id)
+                self.results[unit.item].append(result)
+        self._record_receipts()
         self._write()
         return self.results
+
+    def _plan_units(self) -> None:
+        """One unit per distinct recipient agent of every item still to store."""
+        for index, (prepared, envelope, recipients) in enumerate(self.items):
+            if index in self.answered:
+                continue
+            dedup_key = hashlib.sha256(
+                f"{prepared.rfc_message_id}\x00{prepared.received_sha256}".encode()
+            ).hexdigest()
+            agents: set[str] = set()
+            for recipient in recipients:
+                if recipient.agent_id not in agents:
+                    agents.add(recipient.agent_id)
+                    self.units.append(_Unit(index, prepared, envelope, recipient, dedup_key))
+
+    # -- provider receipts ---------------------------------------------------------------
+
+    def _answer_from_receipts(self) -> None:
+        """Answer provider retries from their receipt; refuse a replayed strict token.
+
+        Items are taken in arrival order, so of two posts of one event in this batch
+        the first stores and the second is answered with the first's results.
+
+        Raises:
+            InvalidSignature: a strict receipt's id came back with another body
+                (a captured Mailgun token reused to inject a different message).
+        """
+        wanted = {
+            (env.receipt.provider, env.receipt.event_id[:200])
+            for _, env, _ in self.items
+            if env.receipt is not None
+        }
+        if not wanted:
+            return
+        params = {
+            "providers": sorted({p for p, _ in wanted}),
+            "ids": sorted({e for _, e in wanted}),
+        }
+        known: dict[tuple[str, str], tuple[str, list[Stored]]] = {}
+        for row in self.conn.execute(_SELECT_RECEIPTS, params):
+            if (row.provider, row.event_id) in wanted:
+                known[(row.provider, row.event_id)] = (
+                    row.body_sha256,
+                    [
+                        Stored(r["agent_id"], r["message_id"], r["thread_id"], True, "duplicate")
+                        for r in row.results
+                    ],
+                )
+        first_of: dict[tuple[str, str], int] = {}
+        for index, (prepared, envelope, _) in enumerate(self.items):
+            receipt = envelope.receipt
+            if receipt is None:
+                continue
+            key = (receipt.provider, receipt.event_id[:200])
+            if key in known:
+                body_sha, self.results[index] = known[key]
+            elif key in first_of:
+                body_sha = self.items[first_of[key]][0].received_sha256
+                self.copies[index] = first_of[key]
+            else:
+                first_of[key] = index
+                continue
+            if receipt.strict and body_sha != prepared.received_sha256:
+                raise InvalidSignature(
+                    "webhook token already used for another message", reason="replayed_token"
+                )
+            self.answered.add(index)
+
+    def _record_receipts(self) -> None:
+        for index, first in self.copies.items():
+            self.results[index] = [
+                Stored(r.agent_id, r.message_id, r.thread_id, True, "duplicate")
+                for r in self.results[first]
+            ]
+        expires = self.now + timedelta(days=self.service.receipt_days)
+        for index, (prepared, envelope, _) in enumerate(self.items):
+            receipt = envelope.receipt
+            if receipt is None or index in self.answered:
+                continue
+            self.new_receipts.append(
+                {
+                    "provider": receipt.provider,
+                    "event_id": receipt.event_id[:200],
+                    "body_sha256": prepared.received_sha256,
+                    "results": [
+                        {
+                            "agent_id": r.agent_id,
+                            "message_id": r.message_id,
+                            "thread_id": r.thread_id,
+                        }
+                        for r in self.results[index]
+                    ],
+                    "created_at": self.now,
+                    "expires_at": expires,
+                }
+            )
 
     # -- reads: one query each for the whole batch -------------------------------------
 
@@ -410,13 +544,28 @@ class _Batch:
         row["participants"] = sorted(set(row["participants"]) | people)[:MAX_THREAD_PARTICIPANTS]
         row["message_count"] += 1
 
+    def _decide(self, unit: _Unit) -> rules.RuleDecision:
+        """The agent's rules and contacts applied to this message (pure, cached policy)."""
+        policy = self.service.policies.get(self.conn, unit.agent_id)
+        auth = unit.envelope.auth
+        return policy.decide(
+            unit.prepared.parsed,
+            raw=unit.prepared.raw,
+            size=unit.prepared.raw_size,
+            auth=auth.facts if auth is not None else _NOT_CHECKED,
+            limits=self.service.limits,
+        )
+
     def _add_message(self, unit: _Unit, thread_id: str) -> str:
         prepared, parsed, recipient = unit.prepared, unit.prepared.parsed, unit.recipient
         envelope = unit.envelope
         message_id = new_id("msg")
+        decision = self._decide(unit)
+        folder = FOLDER_OF_ACTION[decision.action]
         sender = parsed.from_[0].as_dict() if parsed.from_ else None
         to = [a.as_dict() for a in parsed.to]
         cc = [a.as_dict() for a in parsed.cc]
+        decided = decision.as_dict()
         for data, sha in prepared.inline_blobs:
             self.blobs.setdefault(sha, data)
         self.messages.append(
@@ -426,7 +575,7 @@ class _Batch:
                 "agent_id": recipient.agent_id,
                 "thread_id": thread_id,
                 "direction": "inbound",
-                "folder": "inbox",
+                "folder": folder,
                 "source": envelope.source,
                 "dedup_key": unit.dedup_key,
                 "rfc_message_id": prepared.rfc_message_id,
@@ -454,6 +603,12 @@ class _Batch:
                 "client_address": envelope.client_address,
                 "helo": (envelope.helo or "")[:300] or None,
                 "received_at": self.now,
+                "visible_at": self.now if folder == "inbox" else None,
+                # A rule's trash is restorable to where the mail was headed: the inbox.
+                "previous_folder": "inbox" if folder == "trash" else None,
+                "folder_changed_at": self.now,
+                "decision": decided,
+                "auth_results": dict(envelope.auth.record) if envelope.auth else None,
             }
         )
         self.attachments.extend(
@@ -472,26 +627,45 @@ class _Batch:
                 zip(parsed.attachments, prepared.attachment_shas, strict=True)
             )
         )
+        payload: dict[str, Any] = {
+            "message_id": message_id,
+            "thread_id": thread_id,
+            "agent_id": recipient.agent_id,
+            "folder": folder,
+            "from": sender,
+            "to": to,
+            "cc": cc,
+            "subject": parsed.subject,
+            "preview": parsed.preview,
+            "received_at": self.now.isoformat(),
+        }
+        if folder == "inbox":
+            event_type, event_agent = MESSAGE_RECEIVED, recipient.agent_id
+        else:
+            # Mail the agent may not see yet: the event goes to owners only.
+            event_type, event_agent = _HELD_EVENTS[folder], None
+            payload.update(rule_id=decision.rule_id, reasons=list(decision.reasons), actor="rule")
         self.events.append(
             event_row(
                 workspace_id=recipient.workspace_id,
-                agent_id=recipient.agent_id,
-                type=MESSAGE_RECEIVED,
+                agent_id=event_agent,
+                type=event_type,
                 thread_id=thread_id,
                 created_at=self.now,
-                payload={
-                    "message_id": message_id,
-                    "thread_id": thread_id,
-                    "agent_id": recipient.agent_id,
-                    "folder": "inbox",
-                    "from": sender,
-                    "to": to,
-                    "cc": cc,
-                    "subject": parsed.subject,
-                    "preview": parsed.preview,
-                    "received_at": self.now.isoformat(),
-                },
+                payload=payload,
             )
+        )
+        self.audits.append(
+            {
+                "id": new_id("aud"),
+                "workspace_id": recipient.workspace_id,
+                "actor": "system",
+                "action": "inbound.decided",
+                "target_type": "message",
+                "target_id": message_id,
+                "detail": {**decided, "folder": folder, "agent_id": recipient.agent_id},
+                "created_at": self.now,
+            }
         )
         return message_id
 
@@ -510,6 +684,8 @@ class _Batch:
             (_INSERT_MESSAGE, self.messages),
             (_INSERT_ATTACHMENT, self.attachments),
             (_INSERT_EVENT, self.events),
+            (_INSERT_AUDIT, self.audits),
+            (_INSERT_RECEIPT, self.new_receipts),
         ):
             if rows:
                 conn.execute(statement, rows)
@@ -541,6 +717,22 @@ _INSERT_THREAD = threads.insert()
 _INSERT_MESSAGE = messages.insert()
 _INSERT_ATTACHMENT = attachments.insert()
 _INSERT_EVENT = events.insert()
+_INSERT_AUDIT = audit_log.insert()
+_INSERT_RECEIPT = webhook_receipts.insert()
+_SELECT_RECEIPTS = select(
+    webhook_receipts.c.provider,
+    webhook_receipts.c.event_id,
+    webhook_receipts.c.body_sha256,
+    webhook_receipts.c.results,
+).where(
+    webhook_receipts.c.provider.in_(bindparam("providers", expanding=True)),
+    webhook_receipts.c.event_id.in_(bindparam("ids", expanding=True)),
+)
+_HELD_EVENTS: Mapping[str, str] = {
+    "review": MESSAGE_HELD,
+    "quarantine": MESSAGE_QUARANTINED,
+    "trash": MESSAGE_TRASHED,
+}
 _SELECT_DUPLICATES = select(
     messages.c.agent_id, messages.c.dedup_key, messages.c.id, messages.c.thread_id
 ).where(

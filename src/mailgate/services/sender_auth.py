@@ -29,6 +29,7 @@ import dns.reversename
 import spf
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from mailgate.domain import rules
 from mailgate.domain.authres import (
     ArcResult,
     ArcVerdict,
@@ -42,12 +43,14 @@ from mailgate.domain.authres import (
     organizational_domain,
     parse_dmarc_record,
 )
+from mailgate.services.ingest import SenderAuth
 
 __all__ = [
     "DnsPythonResolver",
     "DnsResolver",
     "DnsTemporaryError",
     "SenderAuthenticator",
+    "sender_auth_of",
 ]
 
 MAX_DKIM_SIGNATURES = 5  # more is a resource attack, not a real message
@@ -301,6 +304,14 @@ class SenderAuthenticator:
         arc_verdict = self._arc(dns_port, raw)
         return AuthResults(spf_verdict, dkim_verdicts, dmarc_verdict, arc_verdict)
 
+    def check(
+        self, raw: bytes, *, mail_from: str, client_ip: str, helo: str, authserv_id: str
+    ) -> SenderAuth:
+        """:meth:`evaluate`, packaged for ingest: what rules see, what is stored, and
+        the ``Authentication-Results`` field to prepend. Never raises (as evaluate)."""
+        results = self.evaluate(raw, mail_from=mail_from, client_ip=client_ip, helo=helo)
+        return sender_auth_of(results, authserv_id)
+
     # -- SPF ---------------------------------------------------------------------
 
     def _spf(self, port: DnsResolver, mail_from: str, client_ip: str, helo: str) -> SpfVerdict:
@@ -438,3 +449,31 @@ class SenderAuthenticator:
         text = cv.decode("ascii", "replace") if isinstance(cv, bytes) else str(cv)
         result: ArcResult = "pass" if text == "pass" else "none" if text == "none" else "fail"
         return ArcVerdict(result, str(reason or ""))
+
+
+def sender_auth_of(results: AuthResults, authserv_id: str) -> SenderAuth:
+    """Our verdicts as ingest stores them (``messages.auth_results``) and rules see them."""
+    facts = rules.AuthResults.from_verdicts(results)
+    header = results.header(authserv_id)
+    record: dict[str, Any] = {
+        **facts.as_dict(),
+        "source": "smtp",
+        "arc": results.arc.result,
+        "spf_detail": {
+            "domain": results.spf.domain,
+            "identity": results.spf.identity,
+            "reason": results.spf.reason,
+        },
+        "dkim_signatures": [
+            {"domain": v.domain, "selector": v.selector, "result": v.result, "reason": v.reason}
+            for v in results.dkim
+        ],
+        "dmarc_detail": {
+            "domain": results.dmarc.domain,
+            "policy": results.dmarc.policy,
+            "aligned_by": list(results.dmarc.aligned_by),
+            "reason": results.dmarc.reason,
+        },
+        "authentication_results": header.partition(": ")[2],
+    }
+    return SenderAuth(facts=facts, record=record, header=header)
