@@ -989,9 +989,7 @@ def _parse(ctx: _Context, raw: bytes) -> ParsedMessage:
     )
 
 
-def header_fields(
-    raw: bytes, limits: ParseLimits = DEFAULT_LIMITS
-) -> tuple[tuple[str, str], ...]:
+def header_fields(raw: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> tuple[tuple[str, str], ...]:
     """Every top-level header field as ``(name, decoded value)``, in message order.
 
     For rules that test arbitrary headers (``header:List-Id``), so it is computed only
