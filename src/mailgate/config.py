@@ -163,9 +163,12 @@ class Settings(BaseSettings):
         None, description="Enables POST /inbound/mailgun: the Mailgun HTTP webhook signing key."
     )
     inbound_mailgun_max_age_seconds: float = Field(
-        300.0,
+        9 * 3600.0,
         gt=0,
-        description="Mailgun timestamps further than this from now are refused (replay).",
+        description="Mailgun timestamps further than this from now are refused. Mailgun "
+        "retries a failed post for 8 hours, possibly with its first signature, so the "
+        "window covers that; replays inside it are caught by the signed token, "
+        "remembered (webhook_receipt_days) with the body it came with.",
     )
     inbound_postmark_user: str = Field(
         "postmark", description="Basic-auth user name for POST /inbound/postmark."

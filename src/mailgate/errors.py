@@ -12,10 +12,12 @@ Callers branch on the class or ``code``, never on message text::
     │   └── InvalidSignature        401  invalid_signature       (webhook auth)
     ├── Forbidden                   403  missing_scope
     ├── NotFound                    404  not_found
-    │   └── UnknownRecipient        404  unknown_recipient       (webhooks pick a status)
+    │   ├── UnknownRecipient        404  unknown_recipient       (webhooks pick a status)
+    │   └── InboundDisabled         404  inbound_disabled        (webhook secret unset)
     ├── Conflict                    409  conflict
     │   └── InvalidTransition       409  invalid_folder_transition
     ├── PayloadTooLarge             413  message_too_large
+    │   └── RequestTooLarge         413  payload_too_large       (request body, unread)
     ├── ConfigError                 500  invalid_config          (start-up only)
     ├── DatabaseNotMigrated         503  database_not_migrated   (start-up only)
     └── ServiceUnavailable          503  unavailable             (retryable)
@@ -93,6 +95,13 @@ class UnknownRecipient(NotFound):
     title = "Unknown recipient"
 
 
+class InboundDisabled(NotFound):
+    """The webhook endpoint's secret is not configured, so the endpoint is off."""
+
+    code = "inbound_disabled"
+    title = "Inbound endpoint disabled"
+
+
 class Conflict(MailgateError):
     code = "conflict"
     status = 409
@@ -111,6 +120,15 @@ class PayloadTooLarge(MailgateError):
     code = "message_too_large"
     status = 413
     title = "Message too large"
+
+
+class RequestTooLarge(PayloadTooLarge):
+    """A request body passed its limit and was refused before being read whole. A
+    message built from an accepted body but over ``max_message_size`` is the parent's
+    ``message_too_large``."""
+
+    code = "payload_too_large"
+    title = "Payload too large"
 
 
 class ConfigError(MailgateError):

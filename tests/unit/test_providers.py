@@ -21,12 +21,15 @@ from mailgate.domain.providers import (
     InMemoryReplayGuard,
     check_basic_auth,
     check_bearer_token,
+    check_path_secret,
+    decode_form,
     parse_mailgun,
     parse_postmark,
     parse_raw,
     parse_sendgrid,
     verify_mailgun_signature,
 )
+from mailgate.domain.rules import AuthResults
 from mailgate.errors import Unauthorized, ValidationFailed
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -554,15 +557,22 @@ def test_postmark_json_rebuilds_a_message_that_reads_back_the_same() -> None:
 
 
 def test_postmark_recipients_sender_id_and_verdicts() -> None:
-    delivery = parse_postmark(postmark_payload())
+    delivery = parse_postmark(postmark_payload(BccFull=[{"Email": "audit@example.com"}]))
 
-    assert delivery.recipients == ("yourhash+SampleHash@inbound.postmarkapp.com",)
+    # No envelope: the original recipient first, then every address the headers name
+    # (the route keeps only agents' addresses).
+    assert delivery.recipients == (
+        "yourhash+SampleHash@inbound.postmarkapp.com",
+        "firstcc@postmarkapp.com",
+        "audit@example.com",
+    )
     assert delivery.mail_from == "bounces@postmarkapp.com"
     assert delivery.provider_event_id == "73e6d360-66eb-11e1-8e72-a8904824019b"
     assert delivery.provider_verdicts == {
         "spf": "Pass (sender SPF authorized) identity=mailfrom",
         "spam_status": "No",
         "spam_score": "-0.1",
+        "spam_tests": "DKIM_SIGNED,DKIM_VALID,SPF_PASS",
     }
 
 
@@ -683,3 +693,272 @@ def test_bearer_secret_is_checked() -> None:
         check_bearer_token("Bearer tok-124", "tok-123")
 
     assert caught.value.extra["reason"] == "bad_credentials"
+
+
+def test_a_path_secret_is_checked() -> None:
+    check_path_secret("sg-secret", "sg-secret")
+    for given, expected in (("sg-secreT", "sg-secret"), ("", ""), ("caf\udce9", "sg-secret")):
+        with pytest.raises(Unauthorized) as caught:
+            check_path_secret(given, expected)
+
+        assert caught.value.extra["reason"] == "bad_credentials"
+
+
+# --------------------------------------------------------------------------- forms
+
+FORM_TYPE = "multipart/form-data; boundary=xYzZY"
+
+
+def form_part(name: str, data: bytes, *, filename: str | None = None, ctype: str = "") -> bytes:
+    disposition = f'form-data; name="{name}"'
+    if filename is not None:
+        disposition += f'; filename="{filename}"'
+    head = f"Content-Disposition: {disposition}\r\n"
+    if ctype:
+        head += f"Content-Type: {ctype}\r\n"
+    return b"--xYzZY\r\n" + head.encode() + b"\r\n" + data + b"\r\n"
+
+
+def test_multipart_fields_stay_the_bytes_that_were_posted() -> None:
+    latin1 = "Résumé".encode("iso-8859-1")
+    body = (
+        b"preamble, ignored\r\n"
+        + form_part("subject", latin1)
+        + form_part("text", b"line one\r\n\r\nline three\r\n")
+        + form_part("empty", b"")
+        + form_part("attachment1", PDF, filename="report.pdf", ctype="application/pdf")
+        + b"--xYzZY--\r\nepilogue, ignored"
+    )
+
+    form = decode_form(body, FORM_TYPE)
+
+    assert form.fields == {
+        "subject": latin1,
+        "text": b"line one\r\n\r\nline three\r\n",
+        "empty": b"",
+    }
+    assert form.files == {"attachment1": ("report.pdf", "application/pdf", PDF)}
+
+
+def test_multipart_with_bare_lf_line_breaks_and_transport_padding_is_read() -> None:
+    body = (
+        b"--xYzZY  \n"
+        b'Content-Disposition: form-data; name="to"\n\n'
+        b"support@agents.example.com\n"
+        b"--xYzZY--\n"
+    )
+
+    assert decode_form(body, FORM_TYPE).fields == {"to": b"support@agents.example.com"}
+
+
+def test_multipart_file_names_are_decoded_and_an_empty_one_is_none() -> None:
+    body = (
+        b'--xYzZY\r\nContent-Disposition: form-data; name="a"; '
+        b"filename*=UTF-8''r%C3%A9sum%C3%A9.pdf\r\n\r\nA\r\n"
+        + form_part("b", b"B", filename="café.txt")
+        + form_part("c", b"C", filename="")
+        + b"--xYzZY--"
+    )
+
+    files = decode_form(body, FORM_TYPE).files
+
+    assert files["a"] == ("résumé.pdf", None, b"A")
+    assert files["b"][0] == "café.txt"  # raw UTF-8 in the quoted name, as browsers send
+    assert files["c"] == (None, None, b"C")
+
+
+def test_a_repeated_form_field_keeps_its_first_value() -> None:
+    body = form_part("to", b"first") + form_part("to", b"second") + b"--xYzZY--"
+
+    assert decode_form(body, FORM_TYPE).fields == {"to": b"first"}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "field"),
+    [
+        (form_part("to", b"x"), FORM_TYPE, "body"),  # no closing delimiter
+        (b"--xYzZY\r\nContent-Disposition: form-data\r\n\r\nx\r\n--xYzZY--", FORM_TYPE, "body"),
+        (b"--xYzZY\r\nno header block at all\r\n--xYzZY--", FORM_TYPE, "body"),
+        (b"--xYzZYjunk\r\n\r\n--xYzZY--", FORM_TYPE, "body"),
+        (b"nothing like a form", FORM_TYPE, "body"),
+        (b"x", "multipart/form-data", "Content-Type"),
+        (b"x", 'multipart/form-data; boundary="caf\u00e9"', "Content-Type"),
+        (b"{}", "application/json", "Content-Type"),
+        (b"x", None, "Content-Type"),
+    ],
+)
+def test_a_body_that_is_not_a_form_is_refused_by_name(
+    body: bytes, content_type: str | None, field: str
+) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        decode_form(body, content_type)
+
+    assert [e["field"] for e in caught.value.extra["errors"]] == [field]
+
+
+def test_a_form_with_too_many_parts_is_refused() -> None:
+    body = form_part("f", b"x") * 2201 + b"--xYzZY--"
+
+    with pytest.raises(ValidationFailed):
+        decode_form(body, FORM_TYPE)
+    with pytest.raises(ValidationFailed):
+        decode_form(b"&".join([b"f=x"] * 2201), "application/x-www-form-urlencoded")
+
+
+def test_urlencoded_values_are_percent_decoded_to_bytes() -> None:
+    body = b"subject=Caf%C3%A9+au+lait&body-mime=%E9%00%FF&blank=&flag&subject=second"
+
+    form = decode_form(body, "application/x-www-form-urlencoded; charset=utf-8")
+
+    assert form.fields == {
+        "subject": "Café au lait".encode(),
+        "body-mime": b"\xe9\x00\xff",
+        "blank": b"",
+        "flag": b"",
+    }
+    assert form.files == {}
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_sendgrid_verdicts_become_auth_facts_per_signature() -> None:
+    form = sendgrid_parsed(dkim="{@example.org : pass, @mailer.example : fail}")
+
+    auth = parse_sendgrid(form, SENDGRID_FILES).auth
+
+    assert auth == AuthResults(
+        spf="pass", spf_domain="example.org", dkim="pass", dkim_domains=("example.org",)
+    )
+
+
+@pytest.mark.parametrize(
+    ("spf", "dkim", "expected"),
+    [
+        ("softfail", "{@example.org : fail}", AuthResults(spf="softfail", dkim="fail")),
+        ("pass-ish", "none", AuthResults()),  # not a result word: not believed
+        ("", "", AuthResults()),
+    ],
+)
+def test_sendgrid_verdicts_that_are_not_a_pass_name_no_domain(
+    spf: str, dkim: str, expected: AuthResults
+) -> None:
+    assert parse_sendgrid(sendgrid_parsed(SPF=spf, dkim=dkim), SENDGRID_FILES).auth == expected
+
+
+def test_an_spf_pass_for_a_null_sender_names_no_domain() -> None:
+    form = sendgrid_parsed(envelope=json.dumps({"to": ["a@b.example"], "from": ""}))
+
+    assert parse_sendgrid(form, SENDGRID_FILES).auth.spf_domain is None
+
+
+def mailgun_headers(*extra: list[str]) -> str:
+    return json.dumps(
+        [
+            *extra,
+            ["From", "Alice Example <alice@example.org>"],
+            ["To", "support@agents.example.com"],
+            ["Message-Id", "<mg-2@mail.example.org>"],
+        ]
+    )
+
+
+def test_mailgun_verdicts_tie_a_dkim_pass_to_the_only_signature() -> None:
+    headers = mailgun_headers(
+        ["X-Mailgun-Spf", "Pass"],
+        ["X-Mailgun-Dkim-Check-Result", "Pass"],
+        ["DKIM-Signature", "v=1; a=rsa-sha256; d=Example.ORG; s=s1;\r\n\tbh=x=; b=y="],
+    )
+
+    auth = parse_mailgun(mailgun_parsed(**{"message-headers": headers}), MAILGUN_FILES).auth
+
+    assert auth == AuthResults(
+        spf="pass", spf_domain="example.org", dkim="pass", dkim_domains=("example.org",)
+    )
+
+
+def test_mailgun_dkim_pass_with_two_signatures_names_no_domain() -> None:
+    headers = mailgun_headers(
+        ["X-Mailgun-Dkim-Check-Result", "Pass"],
+        ["DKIM-Signature", "v=1; d=example.org; s=s1; b=y="],
+        ["DKIM-Signature", "v=1; d=esp.example; s=s1; b=y="],
+    )
+
+    auth = parse_mailgun(mailgun_parsed(**{"message-headers": headers}), MAILGUN_FILES).auth
+
+    assert (auth.dkim, auth.dkim_domains) == ("pass", ())
+
+
+def test_a_verdict_header_present_twice_is_not_believed() -> None:
+    """The sender may have planted one: neither copy counts (both are recorded)."""
+    headers = mailgun_headers(
+        ["X-Mailgun-Spf", "Fail"],
+        ["X-Mailgun-Spf", "Pass"],
+        ["X-Mailgun-Dkim-Check-Result", "Pass"],
+        ["X-Mailgun-Dkim-Check-Result", "Pass"],
+    )
+
+    delivery = parse_mailgun(mailgun_parsed(**{"message-headers": headers}), MAILGUN_FILES)
+
+    assert delivery.auth == AuthResults()
+    assert delivery.provider_verdicts == {"spf": "Fail", "dkim": "Pass"}
+
+
+def pm_headers(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"Name": n, "Value": v} for n, v in pairs]
+
+
+def test_postmark_verdicts_read_received_spf_and_spamassassin_dkim_tests() -> None:
+    headers = pm_headers(
+        ("X-Spam-Tests", "DKIM_SIGNED,DKIM_VALID,DKIM_VALID_AU,SPF_PASS"),
+        (
+            "Received-SPF",
+            "Pass (sender SPF authorized) identity=mailfrom; client-ip=209.85.160.180;"
+            " helo=mail.example; envelope-from=bounce@Mail.Example.NET; receiver=x",
+        ),
+    )
+
+    auth = parse_postmark(postmark_payload(Headers=headers)).auth
+
+    assert auth == AuthResults(
+        spf="pass",
+        spf_domain="mail.example.net",
+        dkim="pass",
+        dkim_domains=("postmarkapp.com",),  # DKIM_VALID_AU: the From domain
+    )
+
+
+@pytest.mark.parametrize(
+    ("tests", "signatures", "dkim", "domains"),
+    [
+        ("DKIM_SIGNED,DKIM_VALID", ["v=1; d=esp.example; b=x"], "pass", ("esp.example",)),
+        ("DKIM_SIGNED,DKIM_VALID", [], "pass", ()),
+        ("DKIM_SIGNED,DKIM_INVALID", ["v=1; d=esp.example; b=x"], "fail", ()),
+        ("SPF_PASS", [], "none", ()),
+    ],
+)
+def test_postmark_dkim_facts_name_a_domain_only_when_the_report_ties_one(
+    tests: str, signatures: list[str], dkim: str, domains: tuple[str, ...]
+) -> None:
+    headers = pm_headers(("X-Spam-Tests", tests), *(("DKIM-Signature", s) for s in signatures))
+
+    auth = parse_postmark(postmark_payload(Headers=headers)).auth
+
+    assert (auth.dkim, auth.dkim_domains) == (dkim, domains)
+
+
+def test_postmark_spf_without_an_envelope_from_uses_the_return_path() -> None:
+    headers = pm_headers(
+        ("Received-SPF", "SoftFail (domain transitioning) identity=mailfrom"),
+        ("Received-SPF", "Pass (upstream hop)"),
+        ("Return-Path", "<bounces@postmarkapp.com>"),
+    )
+    assert parse_postmark(postmark_payload(Headers=headers)).auth.spf == "none"  # twice
+
+    auth = parse_postmark(postmark_payload(Headers=headers[1:])).auth
+
+    assert (auth.spf, auth.spf_domain) == ("pass", "postmarkapp.com")
+
+
+def test_raw_posts_carry_no_verdicts() -> None:
+    assert parse_raw(RAW, "alice@example.org", []).auth == AuthResults()

@@ -47,6 +47,16 @@ provider's header block is kept verbatim except ``Content-*``/``MIME-Version``, 
 describe a body structure that no longer exists and are regenerated for the one built.
 A provider header with an unusable name is dropped, and continuation lines are forced
 to start with whitespace so a header value can never end the header block early.
+
+Provider verdicts are kept twice: verbatim in ``provider_verdicts`` (recorded), and
+read into rules' `AuthResults` (``auth``) conservatively, since they decide whether a
+known contact may skip the rules: only RFC 8601 result words count, a verdict header
+present twice counts as absent, and a DKIM pass names a domain only when the report
+ties it to one (SendGrid's per-signature ``dkim`` field, SpamAssassin's
+``DKIM_VALID_AU``, or a message with a single signature).
+
+Form bodies are decoded here too (`decode_form`), into bytes, so the parsers above
+decide on charsets and raw fields stay byte-exact.
 """
 
 from __future__ import annotations
@@ -60,21 +70,26 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.header import Header
-from email.message import EmailMessage
-from email.parser import BytesHeaderParser
+from email.message import EmailMessage, Message
+from email.parser import BytesHeaderParser, HeaderParser
 from email.policy import SMTP, compat32
-from email.utils import formataddr, getaddresses
+from email.utils import collapse_rfc2231_value, formataddr, getaddresses
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
+from mailgate.domain.rules import AuthResults
 from mailgate.errors import Unauthorized, ValidationFailed
 
 __all__ = [
     "FileField",
+    "FormData",
     "InMemoryReplayGuard",
     "InboundDelivery",
     "ReplayGuard",
     "check_basic_auth",
     "check_bearer_token",
+    "check_path_secret",
+    "decode_form",
     "parse_mailgun",
     "parse_postmark",
     "parse_raw",
@@ -123,6 +138,11 @@ class InboundDelivery:
     over our own checks."""
     reconstructed: bool = False
     """True when ``raw`` was rebuilt from parsed fields rather than posted verbatim."""
+    auth: AuthResults = field(default_factory=AuthResults)
+    """The provider's verdicts as rules see them, read conservatively: a verdict that
+    is missing, not an RFC 8601 result word, or stated twice (a sender may have
+    planted one) is ``none``; a DKIM pass names a domain only when the provider's
+    report ties it to one; DMARC is ``none`` (no provider here reports it)."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -341,6 +361,255 @@ def _require_some(raw: bytes, field_name: str) -> bytes:
     return raw
 
 
+# --------------------------------------------------------------------------- forms
+
+
+@dataclass(frozen=True, slots=True)
+class FormData:
+    """A decoded form: fields as the bytes that were posted, files by field name.
+
+    Values stay bytes on purpose: SendGrid posts each field in the charset its
+    ``charsets`` field names, and a raw ``email``/``body-mime`` field must reach the
+    store byte for byte, so decoding is left to the provider's parser. A repeated
+    field name keeps its first value.
+    """
+
+    fields: dict[str, bytes]
+    files: dict[str, FileField]
+
+
+_MAX_FORM_PARTS = 2 * _MAX_ATTACHMENTS + 200
+
+
+def decode_form(body: bytes, content_type: str | None) -> FormData:
+    """Decode a buffered ``multipart/form-data`` or urlencoded request body.
+
+    Our own decoder rather than Starlette's: that one decodes every non-file field as
+    text (falling back to Latin-1) and caps each at 1 MiB, which would both alter a
+    raw message and refuse SendGrid's raw mode. The body arrives already capped by the
+    edge, so one pass of ``bytes.find`` over it is all the parsing there is.
+
+    Raises:
+        ValidationFailed: naming ``Content-Type`` (not a form, no usable boundary) or
+            ``body`` (no boundary found, unterminated, a part without a name, more
+            than the allowed number of parts).
+    """
+    header = Message()
+    header["Content-Type"] = content_type or ""
+    ctype = header.get_content_type() if content_type else ""
+    if ctype == "multipart/form-data":
+        boundary = header.get_param("boundary")
+        text = collapse_rfc2231_value(boundary) if boundary else ""
+        if not text or len(text) > 200 or not text.isascii():
+            raise _invalid("Content-Type", "multipart boundary missing or unusable")
+        return _decode_multipart(body, text.encode("ascii"))
+    if ctype == "application/x-www-form-urlencoded":
+        return FormData(_decode_urlencoded(body), {})
+    raise _invalid(
+        "Content-Type", "must be multipart/form-data or application/x-www-form-urlencoded"
+    )
+
+
+def _decode_urlencoded(body: bytes) -> dict[str, bytes]:
+    fields: dict[str, bytes] = {}
+    count = 0
+    for pair in body.split(b"&"):
+        if not pair:
+            continue
+        count += 1
+        if count > _MAX_FORM_PARTS:
+            raise _invalid("body", f"more than {_MAX_FORM_PARTS} form fields")
+        name, _, value = pair.partition(b"=")
+        key = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
+        fields.setdefault(key, unquote_to_bytes(value.replace(b"+", b" ")))
+    return fields
+
+
+def _decode_multipart(body: bytes, boundary: bytes) -> FormData:
+    """RFC 7578 over RFC 2046 §5.1.1: parts between ``--boundary`` lines; the line
+    break before a delimiter belongs to it. Bare LF line breaks are accepted too."""
+    delimiter = b"--" + boundary
+    if body.startswith(delimiter):
+        pos = len(delimiter)
+    else:  # skip the preamble
+        found = body.find(b"\n" + delimiter)
+        if found < 0:
+            raise _invalid("body", "the multipart boundary does not occur in the body")
+        pos = found + 1 + len(delimiter)
+    fields: dict[str, bytes] = {}
+    files: dict[str, FileField] = {}
+    count = 0
+    while not body.startswith(b"--", pos):  # "--boundary--" closes the body
+        eol = body.find(b"\n", pos)
+        if eol < 0:
+            raise _invalid("body", "the multipart body is not terminated")
+        if body[pos:eol].strip(b" \t\r"):  # only transport padding may follow a delimiter
+            raise _invalid("body", "malformed multipart boundary line")
+        start = eol + 1
+        end = body.find(b"\n" + delimiter, start)
+        if end < 0:
+            raise _invalid("body", "the multipart body is not terminated")
+        stop = end - 1 if end > start and body[end - 1] == 0x0D else end
+        count += 1
+        if count > _MAX_FORM_PARTS:
+            raise _invalid("body", f"more than {_MAX_FORM_PARTS} form parts")
+        _add_form_part(body, start, stop, fields, files)
+        pos = end + 1 + len(delimiter)
+    return FormData(fields, files)
+
+
+def _add_form_part(
+    body: bytes, start: int, stop: int, fields: dict[str, bytes], files: dict[str, FileField]
+) -> None:
+    ends = [
+        (at, len(sep)) for sep in (b"\r\n\r\n", b"\n\n") if (at := body.find(sep, start, stop)) >= 0
+    ]
+    if not ends:
+        raise _invalid("body", "a form part has no header block")
+    head_end, sep_len = min(ends)
+    # Decoded as Latin-1 so 8-bit bytes survive as text (compat32 would turn them into
+    # a Header object whose str() replaces them); _param recovers the UTF-8.
+    block = body[start:head_end].decode("latin-1")
+    head = HeaderParser(policy=compat32).parsestr(block + "\r\n\r\n")
+    name = _param(head, "name")
+    if not name:
+        raise _invalid("body", "a form part has no name in its Content-Disposition")
+    data = body[head_end + sep_len : stop]
+    filename = _param(head, "filename")
+    if filename is None:
+        fields.setdefault(name, data)
+    elif name not in files:
+        ctype = head.get_content_type() if head.get("Content-Type") else None
+        files[name] = (filename or None, ctype, data)
+
+
+def _param(head: Message, name: str) -> str | None:
+    """A Content-Disposition parameter as text (RFC 2231 or raw UTF-8), None if absent."""
+    value = head.get_param(name, None, header="content-disposition")
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return collapse_rfc2231_value(value)
+    # The header block was read as Latin-1; its 8-bit bytes are UTF-8 in practice
+    # (what browsers and providers put in a quoted name).
+    return value.encode("latin-1").decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- verdicts
+
+_RESULT_WORDS = frozenset(
+    {"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy"}
+)
+_FIRST_WORD = re.compile(r"\s*([A-Za-z]+)(?=$|[\s(;,])")
+_DKIM_D_TAG = re.compile(r"(?:^|;)\s*d\s*=\s*([^;\s]+)")
+
+
+def _result_word(value: str | None) -> str:
+    """The RFC 8601 result a provider's verdict starts with (``"Pass (...)"`` →
+    ``pass``, ``"SoftFail"`` → ``softfail``); ``none`` for anything else."""
+    match = _FIRST_WORD.match(value or "")
+    word = match.group(1).lower() if match else ""
+    return word if word in _RESULT_WORDS else "none"
+
+
+def _domain_of(address: str | None) -> str | None:
+    local, at, domain = (address or "").strip().strip("<>").rpartition("@")
+    domain = domain.strip().rstrip(".").lower()
+    return domain if at and local and domain else None
+
+
+def _only(headers: Sequence[tuple[str, str]], name: str) -> str | None:
+    """A header's value when it occurs exactly once; a second copy may be the
+    sender's own forgery, and then neither is believed."""
+    wanted = name.lower()
+    values = [v for n, v in headers if n.lower() == wanted]
+    return values[0] if len(values) == 1 else None
+
+
+def _signature_domains(headers: Sequence[tuple[str, str]]) -> set[str]:
+    domains = set()
+    for name, value in headers:
+        if name.lower() == "dkim-signature":
+            match = _DKIM_D_TAG.search(re.sub(r"\s+", " ", value))
+            if match:
+                domains.add(match.group(1).strip().rstrip(".").lower())
+    return domains
+
+
+def _spf_facts(verdict: str | None, mail_from: str | None) -> tuple[str, str | None]:
+    """An SPF result and, on pass, the MAIL FROM domain it authenticated (a null
+    sender's pass was for the HELO name, which providers do not give: no domain)."""
+    result = _result_word(verdict)
+    return result, _domain_of(mail_from) if result == "pass" else None
+
+
+_SENDGRID_DKIM = re.compile(r"@([^\s:,{}]+)\s*:\s*([A-Za-z]+)")
+
+
+def _sendgrid_auth(spf: str | None, dkim: str | None, mail_from: str) -> AuthResults:
+    """SendGrid's ``SPF`` field is a bare result; ``dkim`` reads
+    ``{@example.com : pass, @other.example : fail}``, one entry per signature."""
+    spf_result, spf_domain = _spf_facts(spf, mail_from)
+    checks = [
+        (d.rstrip(".").lower(), _result_word(r)) for d, r in _SENDGRID_DKIM.findall(dkim or "")
+    ]
+    passed = tuple(dict.fromkeys(d for d, r in checks if r == "pass"))
+    dkim_result = "pass" if passed else checks[0][1] if checks else _result_word(dkim)
+    return AuthResults(spf=spf_result, spf_domain=spf_domain, dkim=dkim_result, dkim_domains=passed)
+
+
+def _single_signature_domain(
+    headers: Sequence[tuple[str, str]], dkim_result: str
+) -> tuple[str, ...]:
+    """A provider that says only "DKIM passed" has vouched for a domain only when the
+    message carries exactly one signature."""
+    domains = _signature_domains(headers)
+    return tuple(domains) if dkim_result == "pass" and len(domains) == 1 else ()
+
+
+def _mailgun_auth(headers: Sequence[tuple[str, str]], mail_from: str) -> AuthResults:
+    spf_result, spf_domain = _spf_facts(_only(headers, "X-Mailgun-Spf"), mail_from)
+    dkim_result = _result_word(_only(headers, "X-Mailgun-Dkim-Check-Result"))
+    return AuthResults(
+        spf=spf_result,
+        spf_domain=spf_domain,
+        dkim=dkim_result,
+        dkim_domains=_single_signature_domain(headers, dkim_result),
+    )
+
+
+_ENVELOPE_FROM = re.compile(r"envelope-from=\"?<?([^;\s\">]*)", re.IGNORECASE)
+
+
+def _postmark_auth(
+    headers: Sequence[tuple[str, str]], mail_from: str, author: str | None
+) -> AuthResults:
+    """Postmark reports SPF as a ``Received-SPF`` header and DKIM only through
+    SpamAssassin's ``X-Spam-Tests``: ``DKIM_VALID`` (some signature verified),
+    ``DKIM_VALID_AU`` (one from the author's domain), ``DKIM_INVALID``."""
+    received_spf = _only(headers, "Received-SPF")
+    envelope = _ENVELOPE_FROM.search(received_spf or "")
+    spf_result, spf_domain = _spf_facts(
+        received_spf, envelope.group(1) if envelope and envelope.group(1) else mail_from
+    )
+    tests = {t.upper() for t in re.split(r"[\s,]+", _only(headers, "X-Spam-Tests") or "") if t}
+    domains: tuple[str, ...] = ()
+    if "DKIM_VALID" in tests or "DKIM_VALID_AU" in tests:
+        dkim_result = "pass"
+        author_domain = _domain_of(author)
+        if "DKIM_VALID_AU" in tests and author_domain:
+            domains = (author_domain,)
+        else:
+            domains = _single_signature_domain(headers, dkim_result)
+    elif "DKIM_INVALID" in tests:
+        dkim_result = "fail"
+    else:
+        dkim_result = "none"
+    return AuthResults(
+        spf=spf_result, spf_domain=spf_domain, dkim=dkim_result, dkim_domains=domains
+    )
+
+
 # --------------------------------------------------------------------------- SendGrid
 
 
@@ -411,6 +680,7 @@ def parse_sendgrid(
         provider_event_id=None,  # SendGrid documents no per-message id
         provider_verdicts=verdicts,
         reconstructed=reconstructed,
+        auth=_sendgrid_auth(text("SPF"), text("dkim"), mail_from),
     )
 
 
@@ -530,6 +800,7 @@ def parse_mailgun(form: Mapping[str, FormValue], files: Mapping[str, FileField])
         provider_event_id=_text(form, "token") or None,
         provider_verdicts=verdicts,
         reconstructed=reconstructed,
+        auth=_mailgun_auth(headers, sender.strip()),
     )
 
 
@@ -630,8 +901,10 @@ def parse_postmark(payload: Mapping[str, Any]) -> InboundDelivery:
     """Postmark's inbound JSON; ``RawEmail`` is used verbatim when present.
 
     Postmark gives no SMTP envelope: recipients are ``OriginalRecipient`` (the address
-    it accepted the mail for), else To/Cc/Bcc; the sender is ``Return-Path`` from
-    ``Headers``, else ``FromFull.Email``.
+    it accepted the mail for) followed by every ``ToFull``/``CcFull``/``BccFull``
+    address, since mail forwarded to Postmark's own inbound address names the real
+    recipient only in its headers (the route keeps those that are agents); the
+    sender is ``Return-Path`` from ``Headers``, else ``FromFull.Email``.
 
     Raises:
         ValidationFailed: a field of the wrong JSON type, or attachment content that
@@ -689,11 +962,12 @@ def parse_postmark(payload: Mapping[str, Any]) -> InboundDelivery:
             ("spf", "Received-SPF"),
             ("spam_status", "X-Spam-Status"),
             ("spam_score", "X-Spam-Score"),
+            ("spam_tests", "X-Spam-Tests"),
         )
         if (value := _header(provided, name)) is not None
     }
     original = _pm_str(payload, "OriginalRecipient")
-    recipients = _unique([original or ""]) or _unique(a for _, a in (*to, *cc, *bcc))
+    recipients = _unique([original or "", *(a for _, a in (*to, *cc, *bcc))])
     if not recipients:
         recipients = _unique(_addresses(_pm_str(payload, "To"), _pm_str(payload, "Cc")))
     return_path = _header(provided, "Return-Path")
@@ -710,6 +984,7 @@ def parse_postmark(payload: Mapping[str, Any]) -> InboundDelivery:
         provider_event_id=_pm_str(payload, "MessageID") or None,
         provider_verdicts=verdicts,
         reconstructed=reconstructed,
+        auth=_postmark_auth(provided, mail_from, str(from_full.get("Email") or "") or None),
     )
 
 
@@ -814,4 +1089,16 @@ def check_bearer_token(header_value: str | None, expected: str) -> None:
     scheme, _, token = header_value.strip().partition(" ")
     ok = hmac.compare_digest(token.strip().encode(), expected.encode())
     if scheme.lower() != "bearer" or not ok or not expected:
+        raise Unauthorized("wrong credentials", reason="bad_credentials")
+
+
+def check_path_secret(given: str, expected: str) -> None:
+    """Check a secret given as a URL path segment (``/inbound/sendgrid/<secret>``) in
+    constant time; for providers whose only credential is the URL they are given.
+
+    Raises:
+        Unauthorized: ``extra["reason"]`` is ``bad_credentials``.
+    """
+    ok = hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+    if not ok or not expected:
         raise Unauthorized("wrong credentials", reason="bad_credentials")
