@@ -340,12 +340,15 @@ async def test_a_malformed_settle_request_is_a_422_problem_naming_the_field(
     assert field in [e["field"] for e in response.json()["errors"]]
 
 
-async def test_a_body_that_is_not_json_is_a_422_problem(rt: Runtime, bot: AgentHandle) -> None:
+async def test_a_body_that_is_not_json_is_a_400_problem_naming_the_body(
+    rt: Runtime, bot: AgentHandle
+) -> None:
     async with api_client(rt) as client:
         response = await client.post(
             "/v1/events/ack",
             content=b"{not json",
             headers={**auth(bot.agent_key), "content-type": "application/json"},
         )
-    assert response.status_code == 422
-    assert problem_code(response) == "validation_failed"
+    assert response.status_code == 400
+    assert problem_code(response) == "bad_request"
+    assert [e["field"] for e in response.json()["errors"]] == ["body"]

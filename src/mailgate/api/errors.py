@@ -6,6 +6,7 @@ sources of errors all end here:
 
 * :class:`~mailgate.errors.MailgateError`: the class says code, status and title; the
   instance's ``extra`` becomes extension members (``errors``, ``scope``, ...);
+* A body that is not JSON: ``400 bad_request`` naming ``body``.
 * FastAPI's request validation: ``422 validation_failed`` with ``errors`` naming each
   field, the same shape services use for their own :class:`ValidationFailed`;
 * Starlette's HTTP errors (unknown route, wrong method): ``not_found``, ...;
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mailgate.errors import MailgateError, Unauthorized
+from mailgate.errors import BadRequest, MailgateError, Unauthorized
 from mailgate.ids import new_id
 
 PROBLEM_JSON = "application/problem+json"
@@ -123,6 +124,22 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, str]]:
     return out
 
 
+def _malformed_json(exc: RequestValidationError) -> BadRequest | None:
+    """A body that is not JSON at all is a bad request (400), not a field that failed
+    validation (422): the client sent bytes we cannot read, so no field is named but
+    ``body``."""
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "not JSON")
+            position = error.get("loc", ("body", None))[-1]
+            message = f"{reason} (at character {position})"
+            return BadRequest(
+                f"the body is not valid JSON: {message}",
+                errors=[{"field": "body", "message": message}],
+            )
+    return None
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every failure into a problem response."""
 
@@ -132,6 +149,9 @@ def install(app: FastAPI) -> None:
 
     async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        malformed = _malformed_json(exc)
+        if malformed is not None:
+            return from_error(malformed)
         errors = field_errors(exc.errors())
         fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
         return problem(

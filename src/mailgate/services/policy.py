@@ -136,6 +136,8 @@ class PolicyCache:
         self._clock = clock
         self._entries: dict[str, tuple[AgentPolicy, float]] = {}
         self._lock = threading.Lock()
+        self._generation = 0
+        """Bumped by every `invalidate`: a `get` that raced one does not cache its read."""
 
     def get(self, conn: Connection, agent_id: str) -> AgentPolicy:
         """The agent's current policy, read through ``conn`` when not cached or stale.
@@ -144,6 +146,7 @@ class PolicyCache:
             KeyError: no such agent.
         """
         now = self._clock()
+        generation = self._generation
         entry = self._entries.get(agent_id)
         if entry is not None and now - entry[1] < self.ttl:
             return entry[0]
@@ -167,12 +170,16 @@ class PolicyCache:
         else:
             policy = self._load(conn, agent_id, head.workspace_id, version, head.contacts_bypass)
         with self._lock:
-            self._entries[agent_id] = (policy, now)
+            # A change that committed (and invalidated) while we read may be missing
+            # from what we read: use it for this call, but do not keep it for `ttl`.
+            if self._generation == generation:
+                self._entries[agent_id] = (policy, now)
         return policy
 
     def invalidate(self, *, workspace_id: str | None = None, agent_id: str | None = None) -> None:
         """Forget one agent's policy, or every cached agent of a workspace."""
         with self._lock:
+            self._generation += 1
             if agent_id is not None:
                 self._entries.pop(agent_id, None)
             if workspace_id is not None:
