@@ -1,4 +1,5 @@
-"""``python -m bench`` (``make bench``): run the matrix and the RSS check, print tables.
+"""``python -m bench`` (``make bench``): run the SMTP matrix, the rules cost, the webhook
+comparison and the RSS check, print tables.
 
 Everything is bounded: each cell has a timeout, the whole run has a cap, and every
 server subprocess is stopped in a ``finally`` (Ctrl-C and SIGTERM included). Server
@@ -24,7 +25,9 @@ from bench import report
 from bench.procs import BenchError
 from bench.rss import RssResult
 from bench.rss import measure as measure_rss
+from bench.rules import RULES_FULL, RULES_QUICK, RulesResult, run_rules
 from bench.runner import FULL, QUICK, run_matrix
+from bench.webhook import WEBHOOK_FULL, WEBHOOK_QUICK, WebhookResult, run_webhook
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,6 +43,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="SQLite sink commits on a writer thread (default) or inside its event loop",
     )
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS check")
+    parser.add_argument(
+        "--no-rules", action="store_true", help="skip the 1,000-rules cost comparison"
+    )
+    parser.add_argument(
+        "--no-webhook", action="store_true", help="skip the SendGrid webhook comparison"
+    )
+    parser.add_argument(
+        "--webhook-client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="webhook load generator: raw asyncio HTTP/1.1 (default) or httpx.AsyncClient",
+    )
     parser.add_argument(
         "--json",
         type=Path,
@@ -67,19 +82,36 @@ async def _main(args: argparse.Namespace, console: Console, workdir: Path) -> in
 
     progress = Console(stderr=True, log_path=False).log  # stdout stays the report alone
 
+    rules_plan = RULES_QUICK if args.quick else RULES_FULL
+    webhook_plan = WEBHOOK_QUICK if args.quick else WEBHOOK_FULL
+    webhook_plan = dataclasses.replace(webhook_plan, client=args.webhook_client)
+    if args.repeats:
+        rules_plan = dataclasses.replace(rules_plan, repeats=args.repeats)
+        webhook_plan = dataclasses.replace(webhook_plan, repeats=args.repeats)
+
     async with asyncio.timeout(cap):
         result = await run_matrix(plan, workdir, progress)
+        rules: RulesResult | None = None
+        if not args.no_rules:
+            rules = await run_rules(rules_plan, workdir, progress)
+        webhook: WebhookResult | None = None
+        if not args.no_webhook:
+            webhook = await run_webhook(webhook_plan, workdir, progress)
         rss: RssResult | None = None
         if plan.rss_limit is not None:
             progress("measuring peak RSS")
             rss = await measure_rss(workdir, plan.rss_limit)
     wall = time.perf_counter() - started
-    report.render(console, info, result, rss, wall)
+    report.render(console, info, result, rss, wall, rules=rules, webhook=webhook)
     out = args.json or RESULTS / ("quick.json" if args.quick else "latest.json")
-    report.write_json(out, report.to_json(info, result, rss, wall))
+    report.write_json(out, report.to_json(info, result, rss, wall, rules=rules, webhook=webhook))
     console.print(f"results written to {out}")
     _, ok = report.verdict(result)
-    missed = ok is False or (rss is not None and not rss.passed)
+    missed = (
+        ok is False
+        or (rss is not None and not rss.passed)
+        or (rules is not None and rules.passed() is False)
+    )
     return 1 if args.strict and missed else 0
 
 

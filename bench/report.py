@@ -22,7 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.rss import TARGET_MULTIPLE, RssResult
+from bench.rules import TARGET_RATIO as RULES_TARGET
+from bench.rules import RulesResult
 from bench.runner import TARGET_CELL, TARGET_RATIO, Cell, RunResult
+from bench.webhook import HEADLINE_CONCURRENCY, HttpCell, WebhookResult
 
 MIB = 1024 * 1024
 NOISY_LOAD = 0.25  # cores used by unrelated processes before a cell counts as noisy
@@ -106,6 +109,9 @@ def render(
     result: RunResult,
     rss: RssResult | None,
     wall_seconds: float,
+    *,
+    rules: RulesResult | None = None,
+    webhook: WebhookResult | None = None,
 ) -> None:
     plan = result.plan
     console.print(
@@ -210,6 +216,11 @@ def render(
             "absolute figures are depressed, ratios less so (measured back to back)."
         )
 
+    if rules is not None:
+        render_rules(console, rules)
+    if webhook is not None:
+        render_webhook(console, webhook)
+
     if rss is not None:
         ok = rss.passed
         console.print(
@@ -230,8 +241,172 @@ def render(
     console.print(f"bench took {wall_seconds:.0f} s")
 
 
+def _pass(ok: bool | None) -> str:
+    return "-" if ok is None else ("[green]PASS[/green]" if ok else "[red]FAIL[/red]")
+
+
+def render_rules(console: Console, rules: RulesResult) -> None:
+    """The rules-cost table: the same gateway with and without the rules."""
+    plan = rules.plan
+    bare, ruled = rules.names
+
+    def med(target: str, metric: Callable[[Cell], float]) -> float | None:
+        return rules.median(target, metric)
+
+    paths = ", ".join(f"{n} {path}" for path, n in rules.paths.items())
+    checked = (
+        f"stored decisions report {rules.checked} checked"
+        if rules.checked is not None
+        else "stored decisions carry no rule count"
+    )
+    pairs = ", ".join(f"{r:.2f}" for r in rules.pair_ratios())
+    table = Table(
+        title=f"Rules cost: SMTP ingest, {plan.size[0]} at c={plan.concurrency}, "
+        f"{plan.rules:,} inbound rules on the agent (none matching) vs none "
+        f"(median of {plan.repeats})",
+        caption=f"msgs/s end to end as in the matrix (until every message.received was "
+        f"pulled). Ratio within each repeat: {pairs}. Extra server CPU with the rules: "
+        f"{_fmt(rules.cpu_cost_us())} µs per message (median of per-repeat differences). "
+        f"Compiled paths of the {plan.rules:,} rules: {paths}; {checked}.",
+    )
+    for name in ("agent rules", "msgs/s", "250s/s", "µs CPU/msg", "p50 ms", "p99 ms", "ratio"):
+        table.add_column(name, justify="right")
+    table.add_column("target")
+    base_rate = med(bare, lambda c: c.rate)
+    for name, count in ((bare, 0), (ruled, plan.rules)):
+        rate = med(name, lambda c: c.rate)
+        ratio = _ratio(rate, base_rate)
+        target = ""
+        if count:
+            target = f"≥ {RULES_TARGET:.2f}x no rules: {_pass(rules.passed())}"
+        table.add_row(
+            f"{count:,}",
+            _fmt(rate),
+            _fmt(med(name, lambda c: c.send_rate)),
+            _fmt(med(name, lambda c: c.cpu_per_message_us)),
+            _fmt(med(name, lambda c: c.latency_p50 * 1e3), ".1f"),
+            _fmt(med(name, lambda c: c.latency_p99 * 1e3), ".1f"),
+            _fmt(ratio, ".3f") + "x",  # 3 places: a 0.796 must not read as a passing 0.80
+            target,
+        )
+    console.print(table)
+    _note_noise(console, [c.other_load for c in rules.cells])
+
+
+def render_webhook(console: Console, webhook: WebhookResult) -> None:
+    """The webhook table: mailgate's SendGrid endpoint against the bare ASGI endpoint."""
+    if webhook.unavailable is not None:
+        console.print(
+            "[bold]Webhook ingest[/bold]: [yellow]not available[/yellow] "
+            f"(mailgate's SendGrid endpoint refused the probe): {webhook.unavailable}"
+        )
+        return
+    plan = webhook.plan
+
+    def med(target: str, conc: int, metric: Callable[[HttpCell], float]) -> float | None:
+        return webhook.median(target, conc, metric)
+
+    table = Table(
+        title=f"Webhook ingest: SendGrid parsed form ({webhook.body_size:,} B, "
+        f"{webhook.fields} fields), requests/s (median of {plan.repeats})",
+        caption="mg: mailgate's POST /inbound/sendgrid/<secret> until its 200 (stored and "
+        "committed; events pulled after each cell, untimed). base: bare ASGI endpoint "
+        f"under the same uvicorn settings, form parsed by {webhook.baseline_parser or '?'}, "
+        "nothing stored. µs CPU: server user+sys per request; p50/p99 in ms. Load "
+        f"generator: {plan.client} HTTP/1.1 keep-alive; client: its CPU in cores (max); "
+        "other: cores used by unrelated processes (max).",
+    )
+    columns = (
+        "conc.", "base req/s", "mg req/s", "mg/base", "base µs CPU", "mg µs CPU",
+        "base p50", "mg p50", "base p99", "mg p99", "client", "other max",
+    )  # fmt: skip
+    for name in columns:
+        table.add_column(name, justify="right")
+    for conc in plan.concurrency:
+        ratio = webhook.ratio(conc)
+        label = f"{conc}" + (" (headline)" if conc == HEADLINE_CONCURRENCY else "")
+        others = [c.other_load for c in webhook.cells if c.concurrency == conc]
+        clients = [c.client_load for c in webhook.cells if c.concurrency == conc]
+        table.add_row(
+            label,
+            _fmt(med("baseline", conc, lambda c: c.rate)),
+            _fmt(med("mailgate", conc, lambda c: c.rate)),
+            _fmt(ratio, ".2f") + "x",
+            _fmt(med("baseline", conc, lambda c: c.cpu_per_request_us)),
+            _fmt(med("mailgate", conc, lambda c: c.cpu_per_request_us)),
+            _fmt(med("baseline", conc, lambda c: c.latency_p50 * 1e3), ".1f"),
+            _fmt(med("mailgate", conc, lambda c: c.latency_p50 * 1e3), ".1f"),
+            _fmt(med("baseline", conc, lambda c: c.latency_p99 * 1e3), ".1f"),
+            _fmt(med("mailgate", conc, lambda c: c.latency_p99 * 1e3), ".1f"),
+            _fmt(max(clients) if clients else None, ".2f"),
+            _fmt(max(others) if others else None, ".2f"),
+        )
+    console.print(table)
+    _note_noise(console, [c.other_load for c in webhook.cells])
+
+
+def _note_noise(console: Console, loads: list[float]) -> None:
+    noisy = [load for load in loads if load > NOISY_LOAD]
+    if noisy:
+        console.print(
+            f"[yellow]note[/yellow]: other processes used more than {NOISY_LOAD:.2f} of a "
+            f"core in {len(noisy)} of {len(loads)} measurements (up to {max(noisy):.2f})."
+        )
+
+
+def _rules_json(rules: RulesResult) -> dict[str, Any]:
+    plan = rules.plan
+    bare, ruled = rules.names
+    return {
+        "rules": plan.rules,
+        "size": plan.size[0],
+        "concurrency": plan.concurrency,
+        "count": plan.count,
+        "repeats": plan.repeats,
+        "paths": rules.paths,
+        "decisions_checked": rules.checked,
+        "rate_0_rules": rules.median(bare, lambda c: c.rate),
+        "rate_with_rules": rules.median(ruled, lambda c: c.rate),
+        "ratio": rules.ratio(),
+        "pair_ratios": rules.pair_ratios(),
+        "cpu_cost_us_per_message": rules.cpu_cost_us(),
+        "min": RULES_TARGET,
+        "passed": rules.passed(),
+        "cells": [{**asdict(c), "rate": c.rate, "send_rate": c.send_rate} for c in rules.cells],
+    }
+
+
+def _webhook_json(webhook: WebhookResult) -> dict[str, Any]:
+    plan = webhook.plan
+    return {
+        "available": webhook.unavailable is None,
+        "unavailable": webhook.unavailable,
+        "body_size": webhook.body_size,
+        "fields": webhook.fields,
+        "baseline_parser": webhook.baseline_parser,
+        "client": plan.client,
+        "repeats": plan.repeats,
+        "counts": {f"c={c}": n for c, n in plan.counts.items()},
+        "ratio": {f"c={c}": webhook.ratio(c) for c in plan.concurrency},
+        "rates": {
+            f"c={c}": {t: webhook.median(t, c, lambda x: x.rate) for t in ("baseline", "mailgate")}
+            for c in plan.concurrency
+        },
+        "cells": [
+            {**asdict(c), "rate": c.rate, "cpu_per_request_us": c.cpu_per_request_us}
+            for c in webhook.cells
+        ],
+    }
+
+
 def to_json(
-    info: dict[str, Any], result: RunResult, rss: RssResult | None, wall_seconds: float
+    info: dict[str, Any],
+    result: RunResult,
+    rss: RssResult | None,
+    wall_seconds: float,
+    *,
+    rules: RulesResult | None = None,
+    webhook: WebhookResult | None = None,
 ) -> dict[str, Any]:
     ratio, ok = verdict(result)
     return {
@@ -245,6 +420,8 @@ def to_json(
         "cells": [{**asdict(c), "rate": c.rate, "send_rate": c.send_rate} for c in result.cells],
         "target": {"cell": list(TARGET_CELL), "ratio": ratio, "min": TARGET_RATIO, "passed": ok},
         "rss": None if rss is None else rss.as_dict(),
+        "rules": None if rules is None else _rules_json(rules),
+        "webhook": None if webhook is None else _webhook_json(webhook),
         "wall_seconds": wall_seconds,
     }
 

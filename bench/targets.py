@@ -159,6 +159,7 @@ async def start_mailgate(
         raise
     target = Target(name, child, rcpt=agent["address"], feed=feed)
     target.notes["agent_id"] = agent["agent_id"]
+    target.notes["env"] = env  # for helpers that open the same database (bench.rules)
     return target
 
 
