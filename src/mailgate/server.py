@@ -1,9 +1,13 @@
 """``mailgate serve``: HTTP, SMTP and background work in one process, on one event loop.
 
+Background work: the retention job (expired trash, expired webhook receipts) every
+``retention_interval_seconds``.
+
 Shutdown order on SIGTERM/SIGINT: stop accepting SMTP connections and let in-flight
 DATA transactions finish (they are the ones a sender is waiting on), let uvicorn finish
-in-flight HTTP requests, then drain the group committer and close the database, so
-nothing acknowledged is lost and nothing accepted is left half-done.
+in-flight HTTP requests, let a running retention batch finish, then drain the group
+committer and close the database, so nothing acknowledged is lost and nothing
+accepted is left half-done.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mailgate.api.app import create_app
 from mailgate.errors import ServiceUnavailable
 from mailgate.ingress.smtp import SmtpIngress
 from mailgate.runtime import Runtime
+from mailgate.workers.retention import run_retention
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,10 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
 
     web_task = asyncio.create_task(web.serve(), name="http")
+    retention = asyncio.create_task(
+        run_retention(runtime, interval=settings.retention_interval_seconds, stop=stop),
+        name="retention",
+    )
 
     async def _announce() -> None:
         await web.listening.wait()
@@ -108,6 +117,8 @@ async def serve(
         web.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await web_task
+        stop.set()  # the HTTP side may have ended first; retention stops either way
+        await retention
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runtime.detach_loop()

@@ -14,9 +14,12 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from mailgate.services import feed, queries
+from mailgate.services import feed, mailbox, queries
 
-Folder = Literal["inbox", "review", "trash", "outbox", "sent", "quarantine"]
+Folder = Literal["inbox", "review", "quarantine", "trash", "outbox", "sent"]
+"""``inbox``: delivered to the agent; ``review``: held by a rule for a human;
+``quarantine``: held and kept out of every agent feed; ``trash``: soft-deleted."""
+HeldFolder = Literal["review", "quarantine"]
 
 MAX_EVENT_IDS = feed.MAX_IDS_PER_CALL
 """Most event ids one ack/nack/extend call may name (bounds one transaction)."""
@@ -67,7 +70,7 @@ class MessageSummaryOut(_Model):
     message_id: str
     agent_id: str
     thread_id: str
-    folder: str
+    folder: Folder
     direction: Literal["inbound", "outbound"]
     from_: AddressOut | None = Field(alias="from", description="First address of `From:`.")
     to: list[AddressOut]
@@ -79,6 +82,17 @@ class MessageSummaryOut(_Model):
     labels: list[str]
     size: int = Field(description="Size of the raw message in bytes.")
     attachment_count: int
+    previous_folder: Folder | None = Field(
+        description="Where `restore` puts a trashed message; where released mail was held."
+    )
+    visible_at: datetime | None = Field(
+        description="When the message first reached its agent; null while it never has "
+        "(held, quarantined or trashed by a rule). Agent keys see only messages with one."
+    )
+    decision: dict[str, Any] | None = Field(
+        description="The inbound rule decision (`action`, `rule_id`, `rule_name`, "
+        "`reasons`, `contact_bypass`); owner keys only, null for agent keys."
+    )
 
 
 class EnvelopeOut(_Model):
@@ -113,6 +127,9 @@ class MessageOut(MessageSummaryOut):
     defects: list[str] = Field(description="What the lenient parser had to repair or skip.")
     envelope: EnvelopeOut
     attachments: list[AttachmentOut]
+    auth_results: dict[str, Any] | None = Field(
+        description="Sender authentication (SPF, DKIM, DMARC, ARC) as checked on arrival."
+    )
 
     @classmethod
     def of_detail(cls, value: queries.MessageDetail) -> MessageOut:
@@ -123,6 +140,27 @@ class MessageOut(MessageSummaryOut):
 class MessageList(_Model):
     messages: list[MessageSummaryOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class TransitionOut(_Model):
+    operation: Literal["trash", "restore", "release"]
+    from_folder: Folder
+    to_folder: Folder
+    changed_at: datetime
+    reached_agent: bool = Field(
+        description="The agent saw the message for the first time (`message.received`)."
+    )
+
+
+class FolderChangeOut(_Model):
+    """A message moved between folders: where it is now and the move itself."""
+
+    message: MessageSummaryOut
+    transition: TransitionOut
+
+    @classmethod
+    def of_change(cls, value: mailbox.FolderChange) -> FolderChangeOut:
+        return cls.model_validate({"message": value.message, "transition": value})
 
 
 class ThreadOut(_Model):

@@ -1,8 +1,12 @@
 """The read side: messages, threads, raw bytes and attachments, as one caller may see them.
 
-Every query is built on :func:`_visible`, which pins rows to the caller's workspace and,
-for an agent key, to its agent. A row outside that scope is simply not found, so a
-wrong-tenant id answers exactly like an id that never existed (no existence leak).
+Every query is built on :func:`visible_messages` (or :func:`_visible_threads`), which pin
+rows to the caller's workspace and, for an agent key, to its agent *and to the mail that
+has reached it* (``visible_at`` set): held, quarantined or rule-trashed mail does not
+exist for the agent, and a thread exists for it only once one of its messages does.
+Owner keys see everything in their workspace. A row outside that scope is simply not
+found, so a wrong-tenant id answers exactly like an id that never existed (no
+existence leak).
 Scopes are checked here, not at the edge, so every face (native ``/v1``, the
 AgentMail-compatible ``/v0``, the MCP tools) gets the same authorisation for free.
 
@@ -23,8 +27,8 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from sqlalchemy import (
     ColumnElement,
     Row,
-    Table,
     and_,
+    exists,
     false,
     func,
     or_,
@@ -32,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from mailgate.domain import folders
 from mailgate.domain.keys import MESSAGES_READ, Principal
 from mailgate.errors import NotFound, ServiceUnavailable, ValidationFailed
 from mailgate.store import migrate
@@ -71,6 +76,13 @@ class MessageSummary:
     labels: tuple[str, ...]
     size: int
     attachment_count: int
+    previous_folder: str | None
+    """Where a trashed message is restored to; where released mail was held."""
+    visible_at: datetime | None
+    """When the message first reached its agent; None while it never has (held,
+    quarantined or trashed on arrival). Agent keys only ever see messages with one."""
+    decision: dict[str, Any] | None
+    """The inbound rule decision (action, rule, reasons); owner keys only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +121,8 @@ class MessageDetail:
     defects: tuple[str, ...]
     envelope: Envelope
     attachments: tuple[AttachmentInfo, ...]
+    auth_results: dict[str, Any] | None
+    """Sender authentication (SPF, DKIM, DMARC, ARC) as checked at ingest, or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +165,8 @@ class MessageFilter:
     from_address: str | None = None
     since: datetime | None = None
     agent_id: str | None = None
+    folders: frozenset[str] | None = None
+    """Any of these folders (the review inbox lists ``review`` and ``quarantine``)."""
 
 
 class QueryService:
@@ -183,8 +199,8 @@ class QueryService:
         filters = filters or MessageFilter()
         _check_limit(limit)
         query = (
-            select(*_SUMMARY_COLUMNS)
-            .where(_visible(principal, messages))
+            select(*SUMMARY_COLUMNS)
+            .where(visible_messages(principal))
             .order_by(messages.c.seq.desc())
             .limit(limit + 1)
         )
@@ -194,6 +210,8 @@ class QueryService:
             query = query.where(messages.c.agent_id == filters.agent_id)
         if filters.folder is not None:
             query = query.where(messages.c.folder == filters.folder)
+        if filters.folders is not None:
+            query = query.where(messages.c.folder.in_(sorted(filters.folders)))
         if filters.thread_id is not None:
             query = query.where(messages.c.thread_id == filters.thread_id)
         if filters.since is not None:
@@ -204,7 +222,54 @@ class QueryService:
             rows = conn.execute(query).all()
         rows, last = _page(rows, limit)
         next_cursor = _encode_cursor("m", str(last.seq)) if last is not None else None
-        return Page(tuple(_summary(row) for row in rows), next_cursor)
+        return Page(tuple(summary_of(row, principal) for row in rows), next_cursor)
+
+    def list_held(
+        self,
+        principal: Principal,
+        *,
+        folder: str | None = None,
+        agent_id: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[MessageSummary]:
+        """The review inbox: mail rules held for a human, newest first (owner keys).
+
+        ``folder`` narrows it to ``review`` or ``quarantine``; by default both.
+
+        Raises:
+            Forbidden: an agent key (held mail is for owners).
+            ValidationFailed: ``folder`` is not a held folder, ``limit`` out of range
+                or a malformed ``cursor``.
+        """
+        principal.require_owner()
+        if folder is not None and folder not in folders.HELD:
+            raise ValidationFailed(
+                f"{folder!r} is not a held folder",
+                errors=[{"field": "folder", "message": "must be review or quarantine"}],
+            )
+        filters = MessageFilter(
+            agent_id=agent_id, folders=frozenset({folder}) if folder else folders.HELD
+        )
+        return self.list_messages(principal, filters, limit=limit, cursor=cursor)
+
+    def list_trash(
+        self,
+        principal: Principal,
+        *,
+        agent_id: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[MessageSummary]:
+        """Trashed mail, newest first: everything in the workspace for owner keys, the
+        agent's own visible mail for agent keys (what it may restore).
+
+        Raises:
+            Forbidden: the key lacks ``messages:read``.
+            ValidationFailed: ``limit`` out of range or a malformed ``cursor``.
+        """
+        filters = MessageFilter(agent_id=agent_id, folder=folders.TRASH)
+        return self.list_messages(principal, filters, limit=limit, cursor=cursor)
 
     def get_message(self, principal: Principal, message_id: str) -> MessageDetail:
         """One message with everything parsed from it.
@@ -214,8 +279,8 @@ class QueryService:
             NotFound: no such message visible to the caller.
         """
         principal.require(MESSAGES_READ)
-        query = select(*_SUMMARY_COLUMNS, *_DETAIL_COLUMNS).where(
-            messages.c.id == message_id, _visible(principal, messages)
+        query = select(*SUMMARY_COLUMNS, *_DETAIL_COLUMNS).where(
+            messages.c.id == message_id, visible_messages(principal)
         )
         with self.db.read() as conn:
             row = conn.execute(query).first()
@@ -227,7 +292,7 @@ class QueryService:
                 .order_by(attachments.c.position)
             ).all()
         return MessageDetail(
-            summary=_summary(row),
+            summary=summary_of(row, principal),
             reply_to=_addresses(row.reply_to),
             rfc_message_id=row.rfc_message_id,
             message_id_generated=bool(row.message_id_generated),
@@ -244,6 +309,7 @@ class QueryService:
                 source=row.source,
             ),
             attachments=tuple(_attachment_info(a) for a in found),
+            auth_results=row.auth_results,
         )
 
     def get_raw(self, principal: Principal, message_id: str) -> bytes:
@@ -257,7 +323,7 @@ class QueryService:
         with self.db.read() as conn:
             sha = conn.execute(
                 select(messages.c.raw_sha256).where(
-                    messages.c.id == message_id, _visible(principal, messages)
+                    messages.c.id == message_id, visible_messages(principal)
                 )
             ).scalar_one_or_none()
         if sha is None:
@@ -280,7 +346,7 @@ class QueryService:
             .where(
                 attachments.c.id == attachment_id,
                 attachments.c.message_id == message_id,
-                _visible(principal, messages),
+                visible_messages(principal),
             )
         )
         with self.db.read() as conn:
@@ -312,8 +378,8 @@ class QueryService:
         principal.require(MESSAGES_READ)
         _check_limit(limit)
         query = (
-            select(threads)
-            .where(_visible(principal, threads))
+            select(*_thread_columns(principal))
+            .where(_visible_threads(principal))
             .order_by(threads.c.last_message_at.desc(), threads.c.id.desc())
             .limit(limit + 1)
         )
@@ -336,7 +402,7 @@ class QueryService:
         return Page(tuple(_thread(row) for row in rows), next_cursor)
 
     def get_thread(self, principal: Principal, thread_id: str) -> ThreadDetail:
-        """A thread and all its messages, oldest first.
+        """A thread and all its messages the caller may see, oldest first.
 
         Raises:
             Forbidden: the key lacks ``messages:read``.
@@ -345,16 +411,18 @@ class QueryService:
         principal.require(MESSAGES_READ)
         with self.db.read() as conn:
             row = conn.execute(
-                select(threads).where(threads.c.id == thread_id, _visible(principal, threads))
+                select(*_thread_columns(principal)).where(
+                    threads.c.id == thread_id, _visible_threads(principal)
+                )
             ).first()
             if row is None:
                 raise NotFound(f"no thread {thread_id}")
             found = conn.execute(
-                select(*_SUMMARY_COLUMNS)
-                .where(messages.c.thread_id == thread_id, _visible(principal, messages))
+                select(*SUMMARY_COLUMNS)
+                .where(messages.c.thread_id == thread_id, visible_messages(principal))
                 .order_by(messages.c.seq)
             ).all()
-        return ThreadDetail(_thread(row), tuple(_summary(m) for m in found))
+        return ThreadDetail(_thread(row), tuple(summary_of(m, principal) for m in found))
 
     # -- operations ---------------------------------------------------------------------
 
@@ -374,7 +442,7 @@ class QueryService:
 
 # -- helpers ----------------------------------------------------------------------------
 
-_SUMMARY_COLUMNS = (
+SUMMARY_COLUMNS = (
     messages.c.seq,
     messages.c.id,
     messages.c.agent_id,
@@ -390,6 +458,9 @@ _SUMMARY_COLUMNS = (
     messages.c.received_at,
     messages.c.labels,
     messages.c.raw_size,
+    messages.c.previous_folder,
+    messages.c.visible_at,
+    messages.c.decision,
     select(func.count())
     .select_from(attachments)
     .where(attachments.c.message_id == messages.c.id)
@@ -411,18 +482,54 @@ _DETAIL_COLUMNS = (
     messages.c.client_address,
     messages.c.helo,
     messages.c.source,
+    messages.c.auth_results,
 )
 
 
-def _visible(principal: Principal, table: Table) -> ColumnElement[bool]:
-    """The rows of ``table`` (which has workspace_id and agent_id) the caller may see."""
-    in_workspace = table.c.workspace_id == principal.workspace_id
+def visible_messages(principal: Principal) -> ColumnElement[bool]:
+    """The messages the caller may see: its workspace's (owner keys), or its agent's
+    that have reached it (agent keys)."""
+    in_workspace = messages.c.workspace_id == principal.workspace_id
     if principal.is_owner:
         return in_workspace
     if principal.agent_id is None:
         # An agent key without an agent would be a bug: match nothing rather than all.
         return false()
-    return and_(in_workspace, table.c.agent_id == principal.agent_id)
+    return and_(
+        in_workspace,
+        messages.c.agent_id == principal.agent_id,
+        messages.c.visible_at.is_not(None),
+    )
+
+
+def _visible_threads(principal: Principal) -> ColumnElement[bool]:
+    """The threads the caller may see: for an agent key, its threads with at least one
+    message that has reached it (a thread of held mail only does not exist for it)."""
+    in_workspace = threads.c.workspace_id == principal.workspace_id
+    if principal.is_owner:
+        return in_workspace
+    if principal.agent_id is None:
+        return false()
+    return and_(
+        in_workspace,
+        threads.c.agent_id == principal.agent_id,
+        exists().where(messages.c.thread_id == threads.c.id, messages.c.visible_at.is_not(None)),
+    )
+
+
+def _thread_columns(principal: Principal) -> tuple[Any, ...]:
+    """The thread row as the caller may see it: for an agent key, ``message_count``
+    counts only the messages that have reached it, so held mail is not betrayed by it."""
+    if principal.is_owner:
+        return tuple(threads.c)
+    visible_count = (
+        select(func.count())
+        .select_from(messages)
+        .where(messages.c.thread_id == threads.c.id, messages.c.visible_at.is_not(None))
+        .scalar_subquery()
+        .label("message_count")
+    )
+    return (*(c for c in threads.c if c.name != "message_count"), visible_count)
 
 
 def _page(rows: Sequence[_Row], limit: int) -> tuple[Sequence[_Row], _Row | None]:
@@ -503,8 +610,11 @@ def _addresses(values: Sequence[Any]) -> tuple[Address, ...]:
     return tuple(_address(v) for v in values)
 
 
-def _summary(row: _Row) -> MessageSummary:
+def summary_of(row: _Row, principal: Principal | None) -> MessageSummary:
+    """A listing entry from a row of :data:`SUMMARY_COLUMNS`. The rule decision is
+    shown to owners only (``principal`` None: the server's operator, also shown)."""
     senders = row.from_addr
+    owner = principal is None or principal.is_owner
     return MessageSummary(
         message_id=row.id,
         agent_id=row.agent_id,
@@ -521,6 +631,9 @@ def _summary(row: _Row) -> MessageSummary:
         labels=tuple(row.labels),
         size=int(row.raw_size),
         attachment_count=int(row.attachment_count),
+        previous_folder=row.previous_folder,
+        visible_at=row.visible_at,
+        decision=row.decision if owner else None,
     )
 
 
