@@ -1,9 +1,8 @@
 """Ingest applies each agent's rules and contacts, on SQLite and PostgreSQL.
 
-Rules and contacts are written straight into their tables here (validated with the
-domain's `validate_rule`, versions bumped as the admin service does), so these tests
-pin what *ingest* does with them: the folder, the stored decision, the events, the
-audit row, and the provider receipts that answer webhook retries.
+Rules and contacts are stored through the owners' service (`runtime.rules`); these
+tests pin what *ingest* does with them: the folder, the stored decision, the events,
+the audit row, and the provider receipts that answer webhook retries.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from sqlalchemy import func, select
 
 from mailgate.domain import rules
 from mailgate.errors import InvalidSignature
-from mailgate.ids import new_id
 from mailgate.runtime import Runtime
-from mailgate.services import policy
 from mailgate.services.events import (
     MESSAGE_HELD,
     MESSAGE_QUARANTINED,
@@ -26,8 +23,7 @@ from mailgate.services.events import (
     MESSAGE_TRASHED,
 )
 from mailgate.services.ingest import Envelope, Receipt, SenderAuth, Stored
-from mailgate.store.schema import audit_log, contacts, events, messages, workspaces
-from mailgate.store.schema import rules as rules_table
+from mailgate.store.schema import audit_log, events, messages
 from mailgate.testing import build_message
 from tests.conftest import AgentHandle, make_agent
 
@@ -45,50 +41,18 @@ SPOOFED = SenderAuth(
 def add_rule(
     runtime: Runtime, agent: AgentHandle, data: dict[str, Any], *, default: bool = False
 ) -> str:
-    rule = rules.validate_rule(data)
-    rule_id = new_id("rul")
-    now = runtime.clock.now()
+    """Store a rule through the owners' service (validated, versioned, audited)."""
     agent_id = None if default else agent.agent_id
-    with runtime.db.write() as conn:
-        conn.execute(
-            rules_table.insert().values(
-                id=rule_id,
-                workspace_id=agent.workspace_id,
-                agent_id=agent_id,
-                name=rule.name,
-                position=rule.position,
-                enabled=rule.enabled,
-                direction=rule.direction,
-                action=rule.action,
-                condition=rule.condition.as_dict(),
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        policy.bump(conn, agent.workspace_id, agent_id)
-    runtime.policies.invalidate(workspace_id=agent.workspace_id)
-    return rule_id
+    return runtime.rules.create_rule(agent.workspace_id, agent_id, data, actor="test").rule_id
 
 
 def add_contact(
     runtime: Runtime, agent: AgentHandle, value: str, *, auto_approve: bool = True
 ) -> None:
-    with runtime.db.write() as conn:
-        conn.execute(
-            contacts.insert().values(
-                id=new_id("con"),
-                workspace_id=agent.workspace_id,
-                agent_id=agent.agent_id,
-                scope=agent.agent_id,
-                kind="domain" if "@" not in value else "address",
-                value=value,
-                name="",
-                auto_approve=auto_approve,
-                created_at=runtime.clock.now(),
-            )
-        )
-        policy.bump(conn, agent.workspace_id, agent.agent_id)
-    runtime.policies.invalidate(agent_id=agent.agent_id)
+    kind = {"address": value} if "@" in value else {"domain": value}
+    runtime.rules.add_contact(
+        agent.workspace_id, agent.agent_id, **kind, auto_approve=auto_approve, actor="test"
+    )
 
 
 def deliver(
@@ -179,7 +143,6 @@ def test_the_first_matching_rule_wins_and_agent_rules_run_before_workspace_defau
         agent,
         {
             "action": "trash",
-            "position": 1,
             "condition": {"field": "subject", "match": "is", "value": "a"},
         },
     )
@@ -269,14 +232,7 @@ def test_the_contact_bypass_can_be_turned_off_per_workspace_or_per_contact(
     other = make_agent(runtime, name="second", workspace="initech")
     add_rule(runtime, other, {"action": "review", "condition": {"all": []}})
     add_contact(runtime, other, "example.com")
-    with runtime.db.write() as conn:
-        conn.execute(
-            workspaces.update()
-            .where(workspaces.c.id == other.workspace_id)
-            .values(contacts_bypass=False)
-        )
-        policy.bump(conn, other.workspace_id, None)
-    runtime.policies.invalidate(workspace_id=other.workspace_id)
+    runtime.rules.update_settings(other.workspace_id, contacts_bypass=False, actor="test")
     assert row(runtime, deliver(runtime, other, envelope).message_id).folder == "review"
 
 

@@ -23,13 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
 from mailgate.config import load_settings
-from mailgate.domain import rules
-from mailgate.ids import new_id
 from mailgate.ingress.smtp import SmtpIngress
 from mailgate.runtime import Runtime
-from mailgate.services import policy
-from mailgate.store.schema import contacts, messages
-from mailgate.store.schema import rules as rules_table
+from mailgate.store.schema import messages
 from mailgate.testing import build_message
 from mailgate.testing.dns import DnsTestServer
 from tests.conftest import AgentHandle, make_agent
@@ -187,40 +183,11 @@ async def test_only_an_authenticated_known_contact_skips_the_rules(
     runtime: Runtime, ingress: SmtpIngress, key: tuple[bytes, str]
 ) -> None:
     agent = make_agent(runtime)
-    now = runtime.clock.now()
-    with runtime.db.write() as conn:
-        conn.execute(
-            rules_table.insert().values(
-                id=new_id("rul"),
-                workspace_id=agent.workspace_id,
-                agent_id=agent.agent_id,
-                name="hold everything",
-                position=0,
-                enabled=True,
-                direction="inbound",
-                action="review",
-                condition=rules.validate_rule(
-                    {"action": "review", "condition": {"all": []}}
-                ).condition.as_dict(),
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        conn.execute(
-            contacts.insert().values(
-                id=new_id("con"),
-                workspace_id=agent.workspace_id,
-                agent_id=agent.agent_id,
-                scope=agent.agent_id,
-                kind="domain",
-                value="example.com",
-                name="Example",
-                auto_approve=True,
-                created_at=now,
-            )
-        )
-        policy.bump(conn, agent.workspace_id, agent.agent_id)
-    runtime.policies.invalidate(agent_id=agent.agent_id)
+    hold_all = {"name": "hold everything", "action": "review", "condition": {"all": []}}
+    runtime.rules.create_rule(agent.workspace_id, agent.agent_id, hold_all, actor="test")
+    runtime.rules.add_contact(
+        agent.workspace_id, agent.agent_id, domain="example.com", name="Example", actor="test"
+    )
 
     genuine = signed(key, build_message(to=agent.address, sender="bob@example.com"), "example.com")
     await send(ingress, genuine, "bounce@example.com", agent.address)
