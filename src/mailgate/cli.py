@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mailgate.commands import common, mailbox, policy
+from mailgate.commands import common, domain, feedback, mailbox, outbox, policy
 from mailgate.commands.common import JsonFlag, emit, err, fail, show_secret
 from mailgate.config import Settings
 from mailgate.errors import MailgateError
@@ -38,6 +38,9 @@ app.add_typer(policy.rules_app, name="rules")
 app.add_typer(policy.contacts_app, name="contacts")
 app.add_typer(mailbox.review_app, name="review")
 app.add_typer(mailbox.trash_app, name="trash")
+app.add_typer(outbox.app, name="outbox", help="Held outbound mail: list, approve, reject.")
+app.add_typer(domain.app, name="domain", help="Sending domains and their DKIM keys.")
+app.add_typer(feedback.app, name="suppressions", help="Addresses the workspace will not send to.")
 
 
 @app.callback()

@@ -9,7 +9,7 @@ TOML file given with ``--config``, defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -32,6 +32,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"expected host:port, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+BLOCKED_EXTENSIONS = ("bat", "cmd", "com", "exe", "js", "jse", "msi", "ps1", "scr", "vbs", "wsf")
 
 
 class Settings(BaseSettings):
@@ -194,6 +197,106 @@ class Settings(BaseSettings):
     )
     retention_interval_seconds: float = Field(
         3600.0, gt=0, description="How often serve runs the retention job."
+    )
+
+    # -- outbound -----------------------------------------------------------------------
+    default_tier: Literal["reply_only", "known_contacts", "allowlisted_domains", "open"] = Field(
+        "reply_only",
+        description="Outbound tier of new agents: reply_only (replies in threads that "
+        "have inbound mail), known_contacts, allowlisted_domains, open.",
+    )
+    idempotency_ttl_hours: float = Field(
+        24.0, ge=24.0, description="How long an Idempotency-Key and its response are kept."
+    )
+    idempotency_lock_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="An in-flight Idempotency-Key older than this belongs to a crashed "
+        "request and may be taken over by a retry.",
+    )
+    approval_expiry_hours: float = Field(
+        72.0, gt=0, description="Held outbound mail not approved or rejected by then expires."
+    )
+    approval_webhook_url: str = Field(
+        "",
+        description="Also POST outbound.pending_approval to this URL (owners are "
+        "always emailed at their addresses). Empty: no webhook.",
+    )
+    rate_per_hour: int = Field(100, gt=0, description="Outbound messages per agent per hour.")
+    rate_per_day: int = Field(1000, gt=0, description="Outbound messages per agent per day.")
+    rate_per_domain_hour: int = Field(
+        30, gt=0, description="Outbound recipients per agent per recipient domain per hour."
+    )
+    loop_thread_cap: int = Field(
+        5,
+        gt=0,
+        description="Loop guard: most replies an agent sends in one thread within "
+        "loop_window_minutes.",
+    )
+    loop_window_minutes: float = Field(60.0, gt=0, description="Loop guard window.")
+    outbound_max_bytes: int = Field(
+        10 * 1024 * 1024, gt=0, description="Largest outbound message, in bytes."
+    )
+    outbound_blocked_extensions: list[str] = Field(
+        default_factory=lambda: list(BLOCKED_EXTENSIONS),
+        description="Attachment file extensions refused on outbound mail.",
+    )
+    complaint_threshold: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="A complaint rate (complaints / delivered, 30 days) above this "
+        "drops the agent one tier (audited).",
+    )
+    complaint_min_sample: int = Field(
+        20, gt=0, description="Messages sent before the complaint rate is acted on."
+    )
+    transport: Literal["capture", "smtp", "sendgrid"] = Field(
+        "capture",
+        description="How outbound mail leaves: capture (stored for inspection, sent "
+        "nowhere), smtp (a relay), sendgrid (v3 mail send API).",
+    )
+    relay_host: str = Field("127.0.0.1", description="SMTP relay host (transport=smtp).")
+    relay_port: int = Field(587, gt=0, le=65535, description="SMTP relay port.")
+    relay_username: str = Field("", description="SMTP relay AUTH user; empty: no AUTH.")
+    relay_password: SecretStr | None = Field(None, description="SMTP relay AUTH password.")
+    relay_starttls: Literal["auto", "require", "off"] = Field(
+        "auto",
+        description="STARTTLS to the relay: auto (when offered), require, off.",
+    )
+    relay_tls: bool = Field(False, description="Implicit TLS (port 465 style) to the relay.")
+    relay_ca_file: Path | None = Field(
+        None, description="CA bundle to verify the relay's certificate; empty: system CAs."
+    )
+    relay_timeout_seconds: float = Field(60.0, gt=0, description="SMTP relay timeout.")
+    sendgrid_api_key: SecretStr | None = Field(None, description="SendGrid API key.")
+    sendgrid_api_url: str = Field("https://api.sendgrid.com", description="SendGrid API base URL.")
+    sendgrid_event_public_key: str = Field(
+        "",
+        description="Enables POST /feedback/sendgrid: the Event Webhook's ECDSA public "
+        "key (base64 DER, as SendGrid shows it).",
+    )
+    sendgrid_event_max_age_seconds: float = Field(
+        600.0, gt=0, description="Event Webhook timestamps older than this are refused."
+    )
+    delivery_workers: int = Field(
+        4, ge=0, description="Concurrent deliveries in this process (0: no delivery worker)."
+    )
+    delivery_lease_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How long a worker owns a claimed delivery; a crashed worker's "
+        "delivery is retried after it.",
+    )
+    delivery_max_attempts: int = Field(
+        8, gt=0, description="Attempts before a temporarily failing delivery fails for good."
+    )
+    retry_base_seconds: float = Field(
+        30.0, gt=0, description="First retry delay; doubles per attempt, with full jitter."
+    )
+    retry_max_seconds: float = Field(3600.0, gt=0, description="Longest retry delay.")
+    delivery_poll_seconds: float = Field(
+        1.0, gt=0, description="How often an idle delivery worker looks for work."
     )
 
     @field_validator("http_listen", "smtp_listen")

@@ -7,7 +7,10 @@ Callers branch on the class or ``code``, never on message text::
 
     MailgateError
     ├── BadRequest                  400  bad_request
+    │   ├── IdempotencyKeyMissing   400  idempotency_key_required
+    │   ├── IdempotencyKeyReused    422  idempotency_key_reused  (same key, other payload)
     │   └── ValidationFailed        422  validation_failed
+    │       └── HeaderInjection     422  header_injection        (CR/LF in a header field)
     ├── Unauthorized                401  invalid_api_key
     │   └── InvalidSignature        401  invalid_signature       (webhook auth)
     ├── Forbidden                   403  missing_scope
@@ -15,10 +18,15 @@ Callers branch on the class or ``code``, never on message text::
     │   ├── UnknownRecipient        404  unknown_recipient       (webhooks pick a status)
     │   └── InboundDisabled         404  inbound_disabled        (webhook secret unset)
     ├── Conflict                    409  conflict
-    │   └── InvalidTransition       409  invalid_folder_transition
+    │   ├── InvalidTransition       409  invalid_folder_transition
+    │   ├── IdempotencyInFlight     409  idempotency_in_flight   (retryable)
+    │   └── AlreadyDecided          409  already_decided         (approval lost the race)
     ├── PayloadTooLarge             413  message_too_large
     │   └── RequestTooLarge         413  payload_too_large       (request body, unread)
     ├── ConfigError                 500  invalid_config          (start-up only)
+    ├── DeliveryError               502  delivery_failed         (transports; recorded)
+    │   ├── TemporaryDeliveryError  502  delivery_deferred       (retryable: 4xx, network)
+    │   └── PermanentDeliveryError  502  delivery_rejected       (5xx: bounce)
     ├── DatabaseNotMigrated         503  database_not_migrated   (start-up only)
     └── ServiceUnavailable          503  unavailable             (retryable)
 """
@@ -54,6 +62,29 @@ class ValidationFailed(BadRequest):
     code = "validation_failed"
     status = 422
     title = "Validation failed"
+
+
+class IdempotencyKeyMissing(BadRequest):
+    """Send, reply and forward need an ``Idempotency-Key`` header: without one a
+    client's retry after a timeout could send the mail twice."""
+
+    code = "idempotency_key_required"
+
+
+class IdempotencyKeyReused(BadRequest):
+    """The key was first used with a different request body (or endpoint)."""
+
+    code = "idempotency_key_reused"
+    status = 422
+    title = "Idempotency key reused"
+
+
+class HeaderInjection(ValidationFailed):
+    """A value that ends up in a header field holds CR, LF or another control
+    character; ``extra['errors']`` names the field."""
+
+    code = "header_injection"
+    title = "Header injection refused"
 
 
 class Unauthorized(MailgateError):
@@ -116,6 +147,22 @@ class InvalidTransition(Conflict):
     title = "Invalid folder transition"
 
 
+class IdempotencyInFlight(Conflict):
+    """The first request with this key is still running; retry later for its result."""
+
+    code = "idempotency_in_flight"
+    retryable = True
+    title = "Request with this idempotency key in progress"
+
+
+class AlreadyDecided(Conflict):
+    """The held request was already approved, rejected or expired (possibly by
+    another owner a moment ago); ``extra['state']`` says what it is now."""
+
+    code = "already_decided"
+    title = "Already decided"
+
+
 class PayloadTooLarge(MailgateError):
     code = "message_too_large"
     status = 413
@@ -134,6 +181,32 @@ class RequestTooLarge(PayloadTooLarge):
 class ConfigError(MailgateError):
     code = "invalid_config"
     title = "Invalid configuration"
+
+
+class DeliveryError(MailgateError):
+    """A transport could not hand a message on. Raised by transports, caught and
+    recorded by the delivery worker; ``code``/``detail`` hold the remote reply."""
+
+    code = "delivery_failed"
+    status = 502
+    title = "Delivery failed"
+
+    def __init__(self, detail: str, *, reply_code: int | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.reply_code = reply_code
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """A 4xx reply, a dropped connection or a timeout: try again later."""
+
+    code = "delivery_deferred"
+    retryable = True
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A 5xx reply: the message bounces and is not retried."""
+
+    code = "delivery_rejected"
 
 
 class DatabaseNotMigrated(MailgateError):

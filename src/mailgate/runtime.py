@@ -93,6 +93,7 @@ class Runtime:
                 clock,
                 settings.agent_domain,
                 recipient_cache_seconds=settings.recipient_cache_seconds,
+                default_tier=settings.default_tier,
             ),
             ingest=IngestService(
                 committer,

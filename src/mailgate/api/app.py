@@ -11,7 +11,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from mailgate.api import errors, inbound, mailbox, policy, v1
+from mailgate.api import captured, errors, feedback, inbound, mailbox, outbound, policy, v1
 from mailgate.runtime import Runtime
 
 
@@ -28,6 +28,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(policy.router)
     app.include_router(mailbox.router)
+    app.include_router(outbound.router)
+    app.include_router(captured.router)
+    app.include_router(feedback.router)
     app.include_router(inbound.router)
     app.include_router(v1.ops)
     return app

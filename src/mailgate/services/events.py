@@ -23,6 +23,22 @@ MESSAGE_RELEASED = "message.released"
 MESSAGE_TRASHED = "message.trashed"
 MESSAGE_RESTORED = "message.restored"
 
+OUTBOUND_PENDING_APPROVAL = "outbound.pending_approval"
+"""Policy held an agent's outbound mail for an owner (workspace-scoped: owners only)."""
+OUTBOUND_APPROVED = "outbound.approved"
+OUTBOUND_REJECTED = "outbound.rejected"
+OUTBOUND_EXPIRED = "outbound.expired"
+OUTBOUND_BLOCKED = "outbound.blocked"
+"""Policy blocked (or quarantined) a request; nothing will be sent."""
+OUTBOUND_SENT = "outbound.sent"
+"""A transport accepted the message (relay 250, SendGrid 202, capture stored)."""
+OUTBOUND_DELIVERED = "outbound.delivered"
+"""The recipient's server reported delivery (provider event)."""
+OUTBOUND_BOUNCED = "outbound.bounced"
+"""Permanent failure: a 5xx from the relay, a DSN, a provider bounce or drop."""
+OUTBOUND_COMPLAINED = "outbound.complained"
+"""A recipient reported the message as spam (or unsubscribed)."""
+
 
 def event_row(
     *,

@@ -79,8 +79,10 @@ class TenancyService:
         agent_domain: str,
         *,
         recipient_cache_seconds: float = 0.0,
+        default_tier: str = "reply_only",
     ) -> None:
         self.db = db
+        self.default_tier = default_tier
         self.clock = clock
         self.agent_domain = agent_domain.lower()
         self.recipient_cache_seconds = recipient_cache_seconds
@@ -185,7 +187,11 @@ class TenancyService:
                 raise Conflict(f"address {address} is taken", field="address")
             conn.execute(
                 agents.insert().values(
-                    id=agent_id, workspace_id=workspace_id, name=name, created_at=now
+                    id=agent_id,
+                    workspace_id=workspace_id,
+                    name=name,
+                    created_at=now,
+                    tier=self.default_tier,
                 )
             )
             conn.execute(

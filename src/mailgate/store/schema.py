@@ -112,6 +112,8 @@ agents = Table(
     Column("name", String(200), nullable=False),
     _created(),
     Column("policy_version", Integer, nullable=False, server_default=text("0")),
+    # Outbound rollout stage (domain/guards.py TIERS); set from settings.default_tier.
+    Column("tier", String(30), nullable=False, server_default=text("'reply_only'")),
     UniqueConstraint("workspace_id", "name"),
 )
 
@@ -382,4 +384,197 @@ audit_log = Table(
     Column("detail", JSON, nullable=False),
     _created(),
     Index(None, "workspace_id", "seq"),
+)
+
+
+# -- outbound ---------------------------------------------------------------------------
+
+# One agent send/reply/forward (or a system notification to owners): its policy
+# decision, its state and its delivery bookkeeping. The delivery worker claims rows in
+# state `queued` whose next_attempt_at has passed, holding a lease until
+# lease_expires_at (an expired lease is claimable again: a crashed worker's row).
+outbound = Table(
+    "outbound",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    _fk("workspaces.id"),
+    _fk("agents.id", nullable=True),  # NULL: a system notification
+    Column("kind", String(20), nullable=False),  # send | reply | forward | notification
+    Column("state", String(20), nullable=False),  # see domain/delivery.py STATES
+    Column("decision", JSON, nullable=False),  # OutboundDecision.as_dict()
+    Column("message_id", String(40)),  # the stored copy in messages (outbox/sent)
+    Column("thread_id", String(40)),
+    Column("replied_message_id", String(40)),  # the message a reply/forward answers
+    Column("rfc_message_id", Text, nullable=False),  # stable across retries
+    Column("mail_from", String(320), nullable=False),
+    Column("recipients", JSON, nullable=False),  # every envelope recipient (to+cc+bcc)
+    Column("raw_sha256", String(64), nullable=False),
+    Column("raw_size", BigInteger, nullable=False),
+    Column("transport", String(20)),
+    Column("provider_message_id", String(200)),  # e.g. SendGrid's X-Message-Id
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", UtcDateTime()),
+    Column("lease_owner", String(100)),
+    Column("lease_expires_at", UtcDateTime()),
+    Column("last_error", Text),
+    Column("expires_at", UtcDateTime()),  # pending approval lapses at this time
+    _created(),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("sent_at", UtcDateTime()),
+    Column("delivered_at", UtcDateTime()),
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "agent_id", "created_at"),
+    Index(None, "workspace_id", "seq"),
+    Index(None, "agent_id", "seq"),
+    Index(None, "thread_id", "created_at"),
+    Index(None, "rfc_message_id"),
+    Index(None, "provider_message_id"),
+)
+
+# Per-recipient delivery status; also what per-domain rate limits count.
+outbound_recipients = Table(
+    "outbound_recipients",
+    metadata,
+    Column(
+        "outbound_id",
+        String(40),
+        ForeignKey("outbound.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("address", String(320), primary_key=True),  # lower-cased
+    Column("workspace_id", String(40), nullable=False),
+    Column("agent_id", String(40)),
+    Column("domain", String(255), nullable=False),
+    Column("kind", String(5), nullable=False),  # to | cc | bcc
+    Column("status", String(20), nullable=False),  # queued|sent|delivered|bounced|...
+    Column("detail", Text),
+    _created(),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Index(None, "agent_id", "domain", "created_at"),
+    Index(None, "address"),
+)
+
+# One row per transport attempt, inserted (and committed) before the transport is
+# called: an attempt with no outcome is one a worker died in (the crash boundary).
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    _id(),
+    Column(
+        "outbound_id", String(40), ForeignKey("outbound.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("number", Integer, nullable=False),
+    Column("transport", String(20), nullable=False),
+    Column("worker", String(100), nullable=False),
+    Column("started_at", UtcDateTime(), nullable=False),
+    Column("finished_at", UtcDateTime()),
+    Column("outcome", String(20)),  # sent | deferred | failed | interrupted; NULL: running
+    Column("code", Integer),  # SMTP reply code or HTTP status
+    Column("detail", Text),
+    UniqueConstraint("outbound_id", "number"),
+)
+
+# At most one verdict per held request (the unique constraint is what makes two
+# simultaneous approvals execute once).
+approvals = Table(
+    "approvals",
+    metadata,
+    _id(),
+    Column(
+        "outbound_id",
+        String(40),
+        ForeignKey("outbound.id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,
+    ),
+    _fk("workspaces.id"),
+    Column("actor", String(100), nullable=False),
+    Column("verdict", String(20), nullable=False),  # approved | rejected | expired
+    Column("comment", Text, nullable=False),
+    _created(),
+)
+
+# Idempotency-Key records (IETF httpapi draft, Stripe semantics), per agent. A row is
+# `in_flight` from the claim until the response is stored; an in-flight row whose
+# locked_until passed belongs to a crashed request and may be taken over.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("agent_id", String(40), ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("workspace_id", String(40), nullable=False),
+    Column("endpoint", String(40), nullable=False),
+    Column("request_sha256", String(64), nullable=False),
+    Column("state", String(10), nullable=False),  # in_flight | done
+    Column("locked_until", UtcDateTime()),
+    Column("response_status", Integer),
+    Column("response_body", JSON),
+    Column("outbound_id", String(40)),
+    _created(),
+    Column("expires_at", UtcDateTime(), nullable=False),
+    Index(None, "expires_at"),
+)
+
+# Addresses the workspace will not send to, with why and who said so.
+suppressions = Table(
+    "suppressions",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    Column("address", String(320), nullable=False),  # lower-cased
+    Column("reason", String(20), nullable=False),  # hard_bounce|complaint|unsubscribe|manual
+    Column("source", String(40), nullable=False),  # dsn | sendgrid | api | cli
+    Column("detail", Text, nullable=False),
+    Column("outbound_id", String(40)),
+    _created(),
+    UniqueConstraint("workspace_id", "address"),
+)
+
+# Outbound recipient allow/deny lists (address or domain), per agent or workspace-wide
+# (scope "*"); the allow list is also what the `allowlisted_domains` tier admits.
+recipient_lists = Table(
+    "recipient_lists",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    _fk("agents.id", nullable=True),
+    Column("scope", String(40), nullable=False),
+    Column("list", String(5), nullable=False),  # allow | deny
+    Column("kind", String(10), nullable=False),  # address | domain
+    Column("value", String(320), nullable=False),  # lower-cased
+    _created(),
+    UniqueConstraint("workspace_id", "scope", "list", "value"),
+)
+
+# DKIM keys per sending domain (`mailgate domain add`). The private key must be usable
+# to sign, so it is stored as PEM: protect the database like the key it holds.
+sending_domains = Table(
+    "sending_domains",
+    metadata,
+    Column("domain", String(255), primary_key=True),  # lower-cased
+    Column("selector", String(63), nullable=False),
+    Column("private_key_pem", Text, nullable=False),
+    Column("public_key_b64", Text, nullable=False),
+    _created(),
+)
+
+# What the capture transport "sent": the embedded default's outbox to inspect.
+captured = Table(
+    "captured",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    _fk("workspaces.id"),
+    Column("agent_id", String(40)),
+    Column("outbound_id", String(40), nullable=False),
+    Column("mail_from", String(320), nullable=False),
+    Column("recipients", JSON, nullable=False),
+    Column("rfc_message_id", Text, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("raw_sha256", String(64), nullable=False),
+    Column("raw_size", BigInteger, nullable=False),
+    _created(),
+    Index(None, "workspace_id", "seq"),
+    Index(None, "agent_id", "seq"),
 )

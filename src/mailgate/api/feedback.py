@@ -1,0 +1,7 @@
+"""Routes: filled in by the outbound issue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,7 @@
+"""CLI commands: filled in by the outbound issue."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
