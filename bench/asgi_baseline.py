@@ -2,7 +2,10 @@
 
 ``POST /inbound/sendgrid/<anything>`` reads the multipart form with Starlette's parser
 (``await request.form()``, every field and every file read), answers ``200`` with
-``{"stored": []}``, and forgets it. ``GET /`` answers ``200`` (readiness). Nothing
+``{"stored": []}``, and forgets it. ``POST /v1/send`` (the outbound section's
+baseline, `bench.outbound`) reads the JSON body with ``json.loads`` and answers ``201``
+with ``{"status": "queued"}`` and an id, storing nothing: the HTTP + JSON ceiling
+``POST /v1/send`` is measured against. ``GET /`` answers ``200`` (readiness). Nothing
 else: no routing framework, no auth, no storage. It runs under uvicorn with the
 settings ``mailgate serve`` uses (src/mailgate/server.py: same loop and HTTP
 implementation choice, ``access_log=False``, ``lifespan="on"``, INFO logging), so
@@ -24,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
+import json
 import sys
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -43,6 +48,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PATH_PREFIX = "/inbound/sendgrid/"
+SEND_PATH = "/v1/send"
 MAX_PART_SIZE = 32 * 1024 * 1024
 """Starlette refuses a non-file part over 1 MiB by default; SendGrid's ``text`` and
 ``html`` can be larger, and mailgate accepts them, so the baseline must too."""
@@ -69,8 +75,20 @@ async def _parse_form(request: Request) -> int:
     return seen
 
 
+_SENT = itertools.count(1)
+
+
+async def _accept_send(request: Request) -> Response:
+    """Decode the JSON body (every byte read and parsed, as any JSON endpoint must) and
+    answer as an accepted send would, with nothing behind it."""
+    payload = json.loads(await request.body())
+    if not isinstance(payload, dict):
+        return JSONResponse({"error": {"code": "validation_failed"}}, status_code=422)
+    return JSONResponse({"id": f"out_{next(_SENT):026d}", "status": "queued"}, status_code=201)
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
-    """The whole application: lifespan, one POST route, one readiness route."""
+    """The whole application: lifespan, two POST routes, one readiness route."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -86,6 +104,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["method"] == "POST" and scope["path"].startswith(PATH_PREFIX):
         await _parse_form(request)
         response = JSONResponse({"stored": []})
+    elif scope["method"] == "POST" and scope["path"] == SEND_PATH:
+        response = await _accept_send(request)
     elif scope["method"] == "GET" and scope["path"] == "/":
         response = PlainTextResponse(f"ok: {PARSER}")
     else:

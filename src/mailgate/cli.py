@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mailgate.commands import common, domain, feedback, mailbox, outbox, policy
+from mailgate.commands import captured, common, domain, feedback, lists, mailbox, outbox, policy
 from mailgate.commands.common import JsonFlag, emit, err, fail, show_secret
 from mailgate.config import Settings
 from mailgate.errors import MailgateError
@@ -39,6 +39,10 @@ app.add_typer(policy.contacts_app, name="contacts")
 app.add_typer(mailbox.review_app, name="review")
 app.add_typer(mailbox.trash_app, name="trash")
 app.add_typer(outbox.app, name="outbox", help="Held outbound mail: list, approve, reject.")
+app.add_typer(lists.app, name="lists")
+agent_app.command("tier")(lists.agent_tier)
+app.command("worker")(outbox.worker)
+app.add_typer(captured.app, name="captured", help="What the capture transport kept.")
 app.add_typer(domain.app, name="domain", help="Sending domains and their DKIM keys.")
 app.add_typer(feedback.app, name="suppressions", help="Addresses the workspace will not send to.")
 
@@ -137,10 +141,17 @@ def config_show(as_json: JsonFlag = False) -> None:
 
 
 @workspace_app.command("create")
-def workspace_create(name: str, as_json: JsonFlag = False) -> None:
+def workspace_create(
+    name: str,
+    owner_email: Annotated[
+        str | None,
+        typer.Option(help="Where approval requests for held outbound mail are emailed."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Create a workspace with its first owner and owner key (shown once)."""
     with common.runtime(as_json) as runtime:
-        created = runtime.tenancy.create_workspace(name)
+        created = runtime.tenancy.create_workspace(name, owner_email=owner_email)
         emit(
             as_json,
             asdict(created),
@@ -149,6 +160,23 @@ def workspace_create(name: str, as_json: JsonFlag = False) -> None:
                 "owner key",
                 created.owner_api_key,
             ),
+        )
+
+
+@workspace_app.command("owner-email")
+def workspace_owner_email(
+    email: str,
+    workspace: Annotated[str | None, typer.Option(help="Workspace id or name.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Set the first owner's email address (approval requests go there)."""
+    with common.runtime(as_json) as runtime:
+        ws = runtime.tenancy.resolve_workspace(workspace)
+        owner_id = runtime.tenancy.set_owner_email(ws, email)
+        emit(
+            as_json,
+            {"workspace_id": ws, "owner_id": owner_id, "email": email.strip().lower()},
+            lambda: err.print(f"owner {owner_id} of {ws}: {email}"),
         )
 
 

@@ -234,6 +234,12 @@ class Settings(BaseSettings):
         "loop_window_minutes.",
     )
     loop_window_minutes: float = Field(60.0, gt=0, description="Loop guard window.")
+    outbound_auto_submitted: bool = Field(
+        True,
+        description="Mark agent replies 'Auto-Submitted: auto-replied' (RFC 3834), so "
+        "other automata, including agents on this gateway, do not answer them. Off, only "
+        "the per-thread cap stops two agents mailing each other.",
+    )
     outbound_max_bytes: int = Field(
         10 * 1024 * 1024, gt=0, description="Largest outbound message, in bytes."
     )

@@ -6,15 +6,26 @@ services; nothing reads settings or opens databases on its own.
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from mailgate.clock import Clock, SystemClock
 from mailgate.config import Settings, parse_listen
+from mailgate.domain.delivery import RetryPolicy
 from mailgate.domain.mime import ParseLimits
+from mailgate.ids import new_id
+from mailgate.services.delivery import DeliveryService
+from mailgate.services.domains import DomainService
 from mailgate.services.feed import FeedNotifier, FeedService
+from mailgate.services.feedback import FeedbackService
 from mailgate.services.ingest import IngestService
 from mailgate.services.mailbox import MailboxService
+from mailgate.services.outbound import OutboundService
+from mailgate.services.outbound_admin import OutboundAdmin
 from mailgate.services.policy import PolicyCache
 from mailgate.services.queries import QueryService
 from mailgate.services.rules_admin import RulesService
@@ -28,6 +39,8 @@ from mailgate.store.committer import (
     LoopGroupCommitter,
 )
 from mailgate.store.db import Database
+from mailgate.transports import Transport, build_transport
+from mailgate.transports.capture import CapturedService
 
 
 @dataclass
@@ -47,6 +60,13 @@ class Runtime:
     mailbox: MailboxService
     sender_auth: SenderAuthenticator | None
     """None when ``settings.sender_auth`` is off."""
+    feedback: FeedbackService
+    outbound: OutboundService
+    transport: Transport
+    delivery: DeliveryService
+    domains: DomainService
+    captured: CapturedService
+    outbound_admin: OutboundAdmin
     _closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -81,7 +101,8 @@ class Runtime:
             max_header_bytes=settings.max_header_bytes, max_parts=settings.max_mime_parts
         )
         policies = PolicyCache(ttl=settings.recipient_cache_seconds)
-        return cls(
+        feedback = FeedbackService(db, clock, settings)
+        runtime = cls(
             settings=settings,
             db=db,
             blobs=blob_store,
@@ -104,6 +125,7 @@ class Runtime:
                 policies=policies,
                 authserv_id=settings.effective_authserv_id,
                 receipt_days=settings.webhook_receipt_days,
+                feedback=feedback,
             ),
             feed=FeedService(db, settings, clock, notifier),
             queries=QueryService(db, blob_store),
@@ -117,7 +139,27 @@ class Runtime:
                 trash_retention=timedelta(days=settings.trash_retention_days),
             ),
             sender_auth=_sender_authenticator(settings),
+            feedback=feedback,
+            domains=DomainService(db, clock),
+            captured=CapturedService(db, blob_store),
+            outbound_admin=OutboundAdmin(db, clock),
+            **_outbound_parts(settings, db, blob_store, clock, policies),
         )
+        runtime.delivery.resolve_local = runtime.tenancy.resolve_recipient
+        runtime.delivery.deliver_local = runtime.ingest.ingest
+        runtime.outbound.on_signer(runtime._dkim_signer)
+        return runtime
+
+    def _dkim_signer(self, domain: str) -> Callable[[bytes], bytes] | None:
+        """The DKIM signing function of a sending domain (``mailgate domain add``)."""
+        signer = self.domains.signer_for(domain)
+        return signer.sign if signer is not None else None
+
+    async def aclose_outbound(self) -> None:
+        """Close the transport's and the delivery service's connections (on the loop
+        that opened them); the delivery worker does this when it stops."""
+        await self.delivery.aclose()
+        await self.transport.aclose()
 
     async def attach_loop(self) -> None:
         """Move loop-friendly work (SQLite group commit) onto the running loop."""
@@ -134,6 +176,33 @@ class Runtime:
         if isinstance(self.committer, GroupCommitter | LoopGroupCommitter):
             self.committer.stop()
         self.db.dispose()
+
+
+def _outbound_parts(
+    settings: Settings,
+    db: Database,
+    blobs: TieredBlobStore,
+    clock: Clock,
+    policies: PolicyCache,
+) -> dict[str, Any]:
+    transport = build_transport(settings, db, blobs, clock)
+    return {
+        "outbound": OutboundService(db, blobs, clock, settings, policies),
+        "transport": transport,
+        "delivery": DeliveryService(
+            db,
+            blobs,
+            clock,
+            transport,
+            retry=RetryPolicy(
+                base_seconds=settings.retry_base_seconds,
+                max_seconds=settings.retry_max_seconds,
+                max_attempts=settings.delivery_max_attempts,
+            ),
+            lease=timedelta(seconds=settings.delivery_lease_seconds),
+            worker_id=f"{socket.gethostname()}:{os.getpid()}:{new_id('wrk')[-8:]}",
+        ),
+    }
 
 
 def _sender_authenticator(settings: Settings) -> SenderAuthenticator | None:

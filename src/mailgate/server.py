@@ -1,11 +1,13 @@
 """``mailgate serve``: HTTP, SMTP and background work in one process, on one event loop.
 
 Background work: the retention job (expired trash, expired webhook receipts) every
-``retention_interval_seconds``.
+``retention_interval_seconds``, and the delivery worker (outbound mail, owner
+notifications, expiry of held requests).
 
 Shutdown order on SIGTERM/SIGINT: stop accepting SMTP connections and let in-flight
 DATA transactions finish (they are the ones a sender is waiting on), let uvicorn finish
-in-flight HTTP requests, let a running retention batch finish, then drain the group
+in-flight HTTP requests, let a running retention batch and in-flight deliveries finish
+(each records its outcome), then drain the group
 committer and close the database, so nothing acknowledged is lost and nothing
 accepted is left half-done.
 """
@@ -25,6 +27,7 @@ from mailgate.api.app import create_app
 from mailgate.errors import ServiceUnavailable
 from mailgate.ingress.smtp import SmtpIngress
 from mailgate.runtime import Runtime
+from mailgate.workers.delivery import run_delivery
 from mailgate.workers.retention import run_retention
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,7 @@ async def serve(
         run_retention(runtime, interval=settings.retention_interval_seconds, stop=stop),
         name="retention",
     )
+    delivery = asyncio.create_task(run_delivery(runtime, stop=stop), name="delivery")
 
     async def _announce() -> None:
         await web.listening.wait()
@@ -119,6 +123,7 @@ async def serve(
             await web_task
         stop.set()  # the HTTP side may have ended first; retention stops either way
         await retention
+        await delivery
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runtime.detach_loop()

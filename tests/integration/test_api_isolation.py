@@ -15,6 +15,7 @@ feed, and ``not_found`` for every id they try to settle.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from mailgate.api.app import create_app
 from mailgate.clock import FakeClock
 from mailgate.config import load_settings
 from mailgate.runtime import Runtime
+from mailgate.testing import build_message
+from mailgate.transports import CaptureTransport, OutgoingMessage
 from tests.conftest import AgentHandle, make_agent
 from tests.integration.api_support import api_client, auth, deliver, problem_code, route_table
 from tests.integration.test_api_rules import PROBES as POLICY_PROBES
@@ -63,6 +66,8 @@ class Probe:
     intruder_overrides: dict[str, Check] = field(default_factory=dict)
     ids: Callable[[World], dict[str, str]] = lambda w: w.ids
     """The path parameters, when not A's default objects."""
+    headers: Callable[[], dict[str, str]] = dict
+    """Extra request headers (a fresh Idempotency-Key for each send)."""
 
 
 # -- expectations -----------------------------------------------------------------------
@@ -96,6 +101,18 @@ def non_empty(key: str) -> Check:
         assert response.json()[key], response.text
 
     return check
+
+
+def created(response: httpx.Response, _world: World) -> None:
+    assert response.status_code == 201, response.text
+
+
+def no_content(response: httpx.Response, _world: World) -> None:
+    assert response.status_code == 204, response.text
+
+
+def fresh_key() -> dict[str, str]:
+    return {"Idempotency-Key": str(uuid.uuid4())}
 
 
 def settled_nothing(response: httpx.Response, world: World) -> None:
@@ -181,6 +198,79 @@ PROBES: dict[tuple[str, str], Probe] = {
     # A's agent trashes its message, then restores it (controls run in this order).
     ("POST", "/v1/messages/{message_id}/trash"): Probe(intruder=not_found, control=ok),
     ("POST", "/v1/messages/{message_id}/restore"): Probe(intruder=not_found, control=ok),
+    ("GET", "/v1/captured"): Probe(
+        intruder=empty("captured"),
+        control=non_empty("captured"),
+        query=lambda w: {"agent_id": w.victim.agent_id},
+    ),
+    ("GET", "/v1/captured/{captured_id}"): Probe(intruder=not_found, control=ok),
+    ("GET", "/v1/captured/{captured_id}/raw"): Probe(intruder=not_found, control=ok),
+    # -- outbound: intruders may not send as A, read A's requests or decide them ------
+    ("POST", "/v1/send"): Probe(
+        intruder=not_found,
+        control=created,
+        body=lambda w: {"agent_id": w.victim.agent_id, "to": ["x@example.com"], "text": "x"},
+        headers=fresh_key,
+    ),
+    ("POST", "/v1/reply"): Probe(
+        intruder=not_found,
+        control=created,
+        body=lambda w: {"message_id": w.ids["message_id"], "text": "thanks"},
+        headers=fresh_key,
+    ),
+    ("POST", "/v1/forward"): Probe(
+        intruder=not_found,
+        control=created,
+        body=lambda w: {"message_id": w.ids["message_id"], "to": ["x@example.com"]},
+        headers=fresh_key,
+    ),
+    ("GET", "/v1/outbound"): Probe(
+        intruder=empty("outbound"),
+        control=non_empty("outbound"),
+        query=lambda w: {"agent_id": w.victim.agent_id},
+    ),
+    ("GET", "/v1/outbound/{outbound_id}"): Probe(intruder=not_found, control=ok),
+    ("POST", "/v1/outbound/{outbound_id}/approve"): Probe(
+        intruder=not_found,
+        control=ok,
+        control_key=lambda w: w.victim.owner_key,
+        intruder_overrides={"neighbour": owner_only},
+    ),
+    ("POST", "/v1/outbound/{outbound_id}/reject"): Probe(
+        intruder=not_found,
+        control=ok,
+        ids=lambda w: {"outbound_id": w.ids["second_outbound_id"]},
+        control_key=lambda w: w.victim.owner_key,
+        intruder_overrides={"neighbour": owner_only},
+    ),
+    ("GET", "/v1/agents/{agent_id}/tier"): Probe(intruder=not_found, control=ok),
+    ("PUT", "/v1/agents/{agent_id}/tier"): Probe(
+        intruder=not_found,
+        control=ok,
+        body=lambda w: {"tier": "known_contacts"},
+        control_key=lambda w: w.victim.owner_key,
+        intruder_overrides={"neighbour": owner_only},
+    ),
+    # Filtering by an agent the caller cannot see names an unknown agent: 404, as
+    # for an id that exists nowhere.
+    ("GET", "/v1/recipient-lists"): Probe(
+        intruder=not_found,
+        control=non_empty("entries"),
+        query=lambda w: {"agent_id": w.victim.agent_id},
+    ),
+    ("POST", "/v1/recipient-lists"): Probe(
+        intruder=not_found,
+        control=created,
+        body=lambda w: {"agent_id": w.victim.agent_id, "list": "deny", "value": "spam.test"},
+        control_key=lambda w: w.victim.owner_key,
+        intruder_overrides={"neighbour": owner_only},
+    ),
+    ("DELETE", "/v1/recipient-lists/{entry_id}"): Probe(
+        intruder=not_found,
+        control=no_content,
+        control_key=lambda w: w.victim.owner_key,
+        intruder_overrides={"neighbour": owner_only},
+    ),
 }
 
 
@@ -220,12 +310,61 @@ async def build_world(rt: Runtime, client: httpx.AsyncClient) -> World:
         held.append(stored_held.message_id)
     binned = deliver(rt, victim, subject="binned")
     await client.post(f"/v1/messages/{binned.message_id}/trash", headers=headers)
+    raw = build_message(to="bob@example.org", sender=victim.address)
+    rt.blobs.put(raw)
+    capture = CaptureTransport(rt.db, rt.clock)
+    receipt = await capture.send(
+        OutgoingMessage(
+            outbound_id="out_1", workspace_id=victim.workspace_id, agent_id=victim.agent_id,
+            mail_from=victim.address, recipients=("bob@example.org",), raw=raw,
+            rfc_message_id="m@example.com", subject="Hello",
+        )
+    )
+    assert receipt.provider_message_id is not None
+    # Two of A's outbound requests held for an owner (one to approve, one to reject),
+    # and an allow-list entry of A's.
+    owner = auth(victim.owner_key)
+    await client.put(f"/v1/agents/{victim.agent_id}/tier", json={"tier": "open"}, headers=owner)
+    await client.post(
+        "/v1/rules",
+        json={
+            "name": "hold",
+            "agent_id": victim.agent_id,
+            "direction": "outbound",
+            "action": "require_approval",
+            "condition": {"field": "to", "match": "is", "value": "held@example.com"},
+        },
+        headers=owner,
+    )
+    requests = [
+        (
+            await client.post(
+                "/v1/send",
+                json={"to": ["held@example.com"], "subject": subject, "text": "x"},
+                headers={**headers, **fresh_key()},
+            )
+        ).json()
+        for subject in ("approve me", "reject me")
+    ]
+    assert [r["status"] for r in requests] == ["pending_approval"] * 2, requests
+    entry = (
+        await client.post(
+            "/v1/recipient-lists",
+            json={"agent_id": victim.agent_id, "list": "allow", "value": "partner.test"},
+            headers=owner,
+        )
+    ).json()
     return World(
         victim=victim,
         ids={
             "message_id": stored.message_id,
             "thread_id": stored.thread_id,
             "attachment_id": detail["attachments"][0]["attachment_id"],
+            "captured_id": receipt.provider_message_id,
+            "outbound_id": requests[0]["id"],
+            "second_outbound_id": requests[1]["id"],
+            "agent_id": victim.agent_id,
+            "entry_id": entry["entry_id"],
         },
         event_id=leased["event_id"],
         neighbour_key=neighbour.api_key,
@@ -280,16 +419,22 @@ async def test_no_route_shows_one_agents_objects_to_another_agent_or_another_wor
                     url,
                     params=probe.query(world),
                     json=probe.body(world) if probe.body else None,
-                    headers=auth(key),
+                    headers={**auth(key), **probe.headers()},
                 )
                 check = probe.intruder_overrides.get(who, probe.intruder)
                 try:
                     check(response, world)
                 except AssertionError as exc:
                     raise AssertionError(f"{who} on {method} {path}: {exc}") from None
-                if response.status_code == 404:
+                if response.status_code == 404 and "{" in path:
                     # Exactly what an id that exists nowhere gets (no existence oracle).
-                    ghost = await client.request(method, fill(path, fake(ids)), headers=auth(key))
+                    ghost = await client.request(
+                        method,
+                        fill(path, fake(ids)),
+                        params=probe.query(world),
+                        json=probe.body(world) if probe.body else None,
+                        headers={**auth(key), **probe.headers()},
+                    )
                     leaked = response.json()
                     expected = ghost.json()
                     for real, made_up in zip(ids.values(), fake(ids).values(), strict=True):
@@ -302,7 +447,7 @@ async def test_no_route_shows_one_agents_objects_to_another_agent_or_another_wor
                 fill(path, probe.ids(world)),
                 params=probe.query(world),
                 json=probe.body(world) if probe.body else None,
-                headers=auth(probe.control_key(world)),
+                headers={**auth(probe.control_key(world)), **probe.headers()},
             )
             try:
                 probe.control(response, world)

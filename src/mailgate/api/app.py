@@ -11,7 +11,17 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from mailgate.api import captured, errors, feedback, inbound, mailbox, outbound, policy, v1
+from mailgate.api import (
+    captured,
+    errors,
+    feedback,
+    inbound,
+    mailbox,
+    outbound,
+    outbound_admin,
+    policy,
+    v1,
+)
 from mailgate.runtime import Runtime
 
 
@@ -29,6 +39,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(policy.router)
     app.include_router(mailbox.router)
     app.include_router(outbound.router)
+    app.include_router(outbound_admin.router)
     app.include_router(captured.router)
     app.include_router(feedback.router)
     app.include_router(inbound.router)

@@ -17,10 +17,10 @@ TIERS: Final[tuple[Tier, ...]] = ("reply_only", "known_contacts", "allowlisted_d
 
 def lower(tier: str) -> Tier:
     """The next narrower tier (``reply_only`` stays)."""
-    index = TIERS.index(tier) if tier in TIERS else 0  # type: ignore[arg-type]
+    index = TIERS.index(tier) if tier in TIERS else 0
     return TIERS[max(index - 1, 0)]
 
 
 def rank(tier: str) -> int:
     """Position in :data:`TIERS` (unknown tiers rank as the narrowest)."""
-    return TIERS.index(tier) if tier in TIERS else 0  # type: ignore[arg-type]
+    return TIERS.index(tier) if tier in TIERS else 0

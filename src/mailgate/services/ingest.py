@@ -45,6 +45,7 @@ from mailgate.services.events import (
     MESSAGE_TRASHED,
     event_row,
 )
+from mailgate.services.feedback import FeedbackService
 from mailgate.services.policy import PolicyCache
 from mailgate.services.tenancy import Recipient
 from mailgate.store.blobs import TieredBlobStore
@@ -161,6 +162,7 @@ class IngestService:
         policies: PolicyCache | None = None,
         authserv_id: str = "mailgate.localhost",
         receipt_days: float = 4.0,
+        feedback: FeedbackService | None = None,
     ) -> None:
         self.committer = committer
         self.blobs = blobs
@@ -170,6 +172,8 @@ class IngestService:
         self.policies = policies or PolicyCache()
         self.authserv_id = authserv_id
         self.receipt_days = receipt_days
+        self.feedback = feedback
+        """Applies delivery reports (bounces) to outbound mail, in this transaction."""
 
     def prepare(self, raw: bytes, envelope: Envelope | None = None) -> Prepared:
         """Stamp, parse, and write large blobs: the work that needs no transaction."""
@@ -667,6 +671,14 @@ class _Batch:
                 "created_at": self.now,
             }
         )
+        if self.service.feedback is not None:  # a bounce: one header scan for other mail
+            self.service.feedback.apply_inbound(
+                self.conn,
+                prepared.raw,
+                workspace_id=recipient.workspace_id,
+                agent_id=recipient.agent_id,
+                now=self.now,
+            )
         return message_id
 
     # -- writes: one executemany per table ---------------------------------------------

@@ -62,6 +62,7 @@ from mailgate.store.db import Database
 from mailgate.store.schema import (
     attachments,
     messages,
+    outbound,
     thread_refs,
     threads,
     webhook_receipts,
@@ -420,6 +421,12 @@ class MailboxService:
             used |= set(
                 conn.execute(
                     select(attachments.c.sha256).where(attachments.c.sha256.in_(wanted))
+                ).scalars()
+            )
+            # What outbound requests will send (or sent, for the record) stays.
+            used |= set(
+                conn.execute(
+                    select(outbound.c.raw_sha256).where(outbound.c.raw_sha256.in_(wanted))
                 ).scalars()
             )
             unused = shas - used

@@ -27,6 +27,7 @@ from mailgate.store.schema import rules as rules_table
 __all__ = ["AgentPolicy", "ContactBook", "PolicyCache", "bump", "rule_from_row"]
 
 _NO_RULES = rules.RuleDecision(action="deliver", reasons=("no rules; default action deliver",))
+_NO_OUTBOUND_RULES = rules.CompiledRuleSet.compile((), direction="outbound")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,9 @@ class AgentPolicy:
     contacts_bypass: bool
     version: tuple[int, int]
     """(agent policy_version, workspace policy_version) this was compiled from."""
+    outbound: rules.CompiledRuleSet = _NO_OUTBOUND_RULES
+    """The agent's outbound rules (then the workspace's): the outbound gateway's
+    ``outbound_rules`` step."""
 
     def decide(
         self,
@@ -87,6 +91,21 @@ class AgentPolicy:
         return rules.decide_inbound(
             self.inbound, facts, explain=explain, auto_approved=auto and self.contacts_bypass
         )
+
+    def decide_outbound(
+        self, parsed: ParsedMessage, *, raw: bytes, limits: ParseLimits
+    ) -> rules.RuleDecision | None:
+        """The outbound rules applied to a message the agent wants to send, or None
+        when there are none (``known_contact`` is whether every recipient is one)."""
+        if not self.outbound.rules:
+            return None
+        recipients = [a.address for a in (*parsed.to, *parsed.cc) if a.address]
+        known = bool(recipients) and all(self.contacts.lookup(r)[0] for r in recipients)
+        headers = header_fields(raw, limits) if self.outbound.needs_headers else ()
+        facts = rules.MessageFacts.from_parsed(
+            parsed, size=len(raw), headers=headers, known_contact=known
+        )
+        return self.outbound.evaluate(facts)
 
     def with_rules(self, extra: Iterable[rules.Rule]) -> AgentPolicy:
         """This policy with ``extra`` rules run before the stored ones (dry runs)."""
@@ -200,13 +219,14 @@ class PolicyCache:
             .where(
                 rules_table.c.workspace_id == workspace_id,
                 or_(rules_table.c.agent_id == agent_id, rules_table.c.agent_id.is_(None)),
-                rules_table.c.direction == "inbound",
                 rules_table.c.enabled.is_(True),
             )
             .order_by(rules_table.c.position, rules_table.c.created_at)
         ).all()
         own = [rule_from_row(r) for r in rows if r.agent_id is not None]
         defaults = [rule_from_row(r) for r in rows if r.agent_id is None]
+        inbound = [r for r in own if r.direction == "inbound"]
+        inbound_defaults = [r for r in defaults if r.direction == "inbound"]
         found = conn.execute(
             select(contacts.c.kind, contacts.c.value, contacts.c.auto_approve).where(
                 contacts.c.workspace_id == workspace_id,
@@ -223,8 +243,9 @@ class PolicyCache:
         )
         return AgentPolicy(
             workspace_id=workspace_id,
-            inbound=rules.CompiledRuleSet.compile(own, defaults),
+            inbound=rules.CompiledRuleSet.compile(inbound, inbound_defaults),
             contacts=book,
             contacts_bypass=contacts_bypass,
             version=version,
+            outbound=rules.CompiledRuleSet.compile(own, defaults, direction="outbound"),
         )

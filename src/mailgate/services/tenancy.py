@@ -92,15 +92,18 @@ class TenancyService:
 
     # -- workspaces -------------------------------------------------------------------
 
-    def create_workspace(self, name: str, *, actor: str = "cli") -> WorkspaceCreated:
+    def create_workspace(
+        self, name: str, *, owner_email: str | None = None, actor: str = "cli"
+    ) -> WorkspaceCreated:
         """A workspace, its first owner and that owner's key.
 
         Raises:
-            ValidationFailed: empty name.
+            ValidationFailed: empty name, or a malformed owner email.
         """
         name = name.strip()
         if not name:
             raise ValidationFailed("workspace name is empty", errors=[_field("name", "empty")])
+        email = _owner_email(owner_email) if owner_email else None
         now = self.clock.now()
         ws_id, owner_id, key_id = new_id("ws"), new_id("own"), new_id("key")
         secret = keys.mint(key_id)
@@ -108,7 +111,7 @@ class TenancyService:
             conn.execute(workspaces.insert().values(id=ws_id, name=name, created_at=now))
             conn.execute(
                 owners.insert().values(
-                    id=owner_id, workspace_id=ws_id, name="owner", created_at=now
+                    id=owner_id, workspace_id=ws_id, name="owner", email=email, created_at=now
                 )
             )
             self._insert_key(conn, ws_id, key_id, secret, "owner", owner_id=owner_id)
@@ -117,6 +120,30 @@ class TenancyService:
                 target_type="workspace", target_id=ws_id, name=name,
             )  # fmt: skip
         return WorkspaceCreated(ws_id, name, owner_id, key_id, secret.token)
+
+    def set_owner_email(self, workspace_id: str, email: str, *, actor: str = "cli") -> str:
+        """Set the first owner's address, where held outbound mail is announced; returns
+        the owner id.
+
+        Raises:
+            ValidationFailed: not an address.
+            NotFound: no such workspace.
+        """
+        address = _owner_email(email)
+        now = self.clock.now()
+        with self.db.write() as conn:
+            self._require_workspace(conn, workspace_id)
+            owner_id = conn.execute(
+                select(owners.c.id)
+                .where(owners.c.workspace_id == workspace_id)
+                .order_by(owners.c.created_at)
+            ).scalar_one()
+            conn.execute(update(owners).where(owners.c.id == owner_id).values(email=address))
+            audit.record(
+                conn, workspace_id=workspace_id, actor=actor, action="owner.email_set", at=now,
+                target_type="owner", target_id=owner_id, email=address,
+            )  # fmt: skip
+        return str(owner_id)
 
     def resolve_workspace(self, ref: str | None) -> str:
         """A workspace id from an id or a name; with no ref, the only workspace there is
@@ -398,6 +425,16 @@ class TenancyService:
             is None
         ):
             raise NotFound(f"no workspace {workspace_id}")
+
+
+def _owner_email(value: str) -> str:
+    address = value.strip().lower()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() or ord(c) < 32 for c in address):
+        raise ValidationFailed(
+            f"{value!r} is not an email address", errors=[_field("email", "not an address")]
+        )
+    return address
 
 
 def _field(name: str, message: str) -> dict[str, str]:

@@ -22,11 +22,13 @@ def build_message(
     html: str | None = None,
     attachments: list[tuple[str, str, bytes]] | None = None,
     date: datetime | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> bytes:
     """A well-formed message as CRLF bytes, the way an SMTP client would send it.
 
     ``message_id="auto"`` makes a fresh one, ``None`` leaves the header out.
-    ``attachments`` are ``(filename, content type, data)``.
+    ``attachments`` are ``(filename, content type, data)``; ``extra_headers`` are
+    added as given (``{"Auto-Submitted": "auto-replied"}``).
     """
     msg = EmailMessage()
     msg["From"] = sender
@@ -43,6 +45,8 @@ def build_message(
         msg["In-Reply-To"] = f"<{in_reply_to.strip('<>')}>"
     if references:
         msg["References"] = " ".join(f"<{r.strip('<>')}>" for r in references)
+    for name, value in (extra_headers or {}).items():
+        msg[name] = value
     msg.set_content(body)
     if html is not None:
         msg.add_alternative(html, subtype="html")
