@@ -110,7 +110,7 @@ async def test_a_worker_killed_mid_delivery_delivers_with_copies_only_on_the_bou
             second.wait(20)
         received = sink.messages
         assert len(received) == copies
-        assert {m.message_id for m in received} == {body['rfc_message_id']}
+        assert {m.message_id for m in received} == {body["rfc_message_id"]}
         assert _attempts(runtime, body["id"]) == ["interrupted", "sent"]
         detail = runtime.outbound.get_as_system(body["id"])
         assert detail["status"] == "sent"

@@ -33,6 +33,7 @@ from mailgate.transports import CaptureTransport, OutgoingMessage
 from tests.conftest import AgentHandle, make_agent
 from tests.integration.api_support import api_client, auth, deliver, problem_code, route_table
 from tests.integration.test_api_rules import PROBES as POLICY_PROBES
+from tests.integration.test_api_suppressions import FEEDBACK_PROBES
 from tests.integration.test_mailbox import file_as
 
 pytestmark = pytest.mark.anyio
@@ -315,9 +316,14 @@ async def build_world(rt: Runtime, client: httpx.AsyncClient) -> World:
     capture = CaptureTransport(rt.db, rt.clock)
     receipt = await capture.send(
         OutgoingMessage(
-            outbound_id="out_1", workspace_id=victim.workspace_id, agent_id=victim.agent_id,
-            mail_from=victim.address, recipients=("bob@example.org",), raw=raw,
-            rfc_message_id="m@example.com", subject="Hello",
+            outbound_id="out_1",
+            workspace_id=victim.workspace_id,
+            agent_id=victim.agent_id,
+            mail_from=victim.address,
+            recipients=("bob@example.org",),
+            raw=raw,
+            rfc_message_id="m@example.com",
+            subject="Hello",
         )
     )
     assert receipt.provider_message_id is not None
@@ -395,6 +401,7 @@ def test_every_v1_route_has_an_isolation_probe(tmp_path: Path) -> None:
     # The owner-only policy routes have their own walk (and its own coverage check) in
     # test_api_rules.py: their objects need owner set-up this world does not build.
     routes -= POLICY_PROBES.keys()
+    routes -= FEEDBACK_PROBES.keys()  # suppressions and trust: their walk is there too
     assert routes == set(PROBES), (
         "add a probe to PROBES for each new /v1 route (and drop those of removed routes): "
         f"missing {sorted(routes - set(PROBES))}, stale {sorted(set(PROBES) - routes)}"

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from mailgate.runtime import Runtime
-from mailgate.store.schema import audit_log, captured, events, messages, suppressions
+from mailgate.store.schema import audit_log, captured, events, messages
 from mailgate.testing import build_message
 from tests.conftest import AgentHandle, make_agent
 from tests.integration.api_support import ENVELOPE, api_client
@@ -93,7 +93,12 @@ async def test_an_open_agent_sends_and_the_capture_transport_keeps_the_message(
     assert detail["status"] == "sent"
     assert [a["outcome"] for a in detail["attempts"]] == ["sent"]
     assert detail["recipients"] == [
-        {"address": "alice@example.com", "kind": "to", "status": "sent", "detail": detail["recipients"][0]["detail"]}
+        {
+            "address": "alice@example.com",
+            "kind": "to",
+            "status": "sent",
+            "detail": detail["recipients"][0]["detail"],
+        }
     ]
     assert [m["folder"] for m in thread["messages"]] == ["sent"]
     with runtime.db.read() as conn:
@@ -169,7 +174,14 @@ async def test_a_suppressed_address_is_blocked_with_reason_suppressed(
         ),
         (
             "attachments",
-            [{"filename": "a.png", "content_type": "image/png", "content": "aGk=", "content_id": "x\r\ny"}],
+            [
+                {
+                    "filename": "a.png",
+                    "content_type": "image/png",
+                    "content": "aGk=",
+                    "content_id": "x\r\ny",
+                }
+            ],
         ),
     ],
 )
@@ -327,7 +339,10 @@ async def test_a_rejected_request_is_never_sent_and_leaves_the_outbox(
     assert late.status_code == 409 and late.json()["code"] == "already_decided"
     assert await drain(runtime) == []
     with runtime.db.read() as conn:
-        assert conn.execute(select(messages).where(messages.c.id == held["message_id"])).first() is None
+        assert (
+            conn.execute(select(messages).where(messages.c.id == held["message_id"])).first()
+            is None
+        )
 
 
 async def test_held_requests_expire_after_the_approval_window(
@@ -371,5 +386,27 @@ async def test_hourly_rate_limit_blocks_with_reason_rate_limited(
             results = [(await send(client, handle.agent_key, MAIL)).json() for _ in range(3)]
         assert [r["status"] for r in results] == ["queued", "queued", "blocked"]
         assert results[2]["decision"]["codes"] == ["rate_limited"]
+    finally:
+        rt.close()
+
+
+async def test_idempotency_keys_are_kept_for_the_ttl_then_forgotten(settings: Any) -> None:
+    from mailgate.clock import FakeClock
+
+    clock = FakeClock()
+    rt = Runtime.build(settings.model_copy(update={"idempotency_ttl_hours": 24.0}), clock=clock)
+    try:
+        handle = make_agent(rt)
+        set_tier(rt, handle.agent_id, "open")
+        async with api_client(rt) as client:
+            first = await send(client, handle.agent_key, MAIL, idem="daily")
+            clock.advance(23 * 3600)
+            assert rt.outbound.idempotency.purge_expired(clock.now()) == 0
+            replay = await send(client, handle.agent_key, MAIL, idem="daily")
+            clock.advance(2 * 3600)
+            assert rt.outbound.idempotency.purge_expired(clock.now()) == 1
+            fresh = await send(client, handle.agent_key, MAIL, idem="daily")
+        assert replay.json()["id"] == first.json()["id"]
+        assert fresh.json()["id"] != first.json()["id"]
     finally:
         rt.close()

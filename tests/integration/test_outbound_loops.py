@@ -35,9 +35,7 @@ def _latest_inbound(runtime: Runtime, agent: AgentHandle) -> str:
 
 def _build(settings: Settings, *, marked: bool) -> Runtime:
     return Runtime.build(
-        settings.model_copy(
-            update={"loop_thread_cap": CAP, "outbound_auto_submitted": marked}
-        )
+        settings.model_copy(update={"loop_thread_cap": CAP, "outbound_auto_submitted": marked})
     )
 
 

@@ -17,6 +17,8 @@ from mailgate.testing.smtp_sink import Fault, SmtpSink
 from tests.conftest import AgentHandle, make_agent
 from tests.integration.api_support import api_client
 from tests.integration.outbound_support import drain, send, set_tier
+from tests.integration.test_feedback import dsn_bytes
+from tests.integration.test_feedback import ingest as feedback_ingest
 
 pytestmark = pytest.mark.anyio
 
@@ -105,7 +107,7 @@ async def test_a_relay_down_for_several_retries_then_up_delivers_exactly_once(
     assert len(sink.wait_for(1)) == 1
     await drain(relay_runtime)
     assert len(sink.messages) == 1
-    assert sink.messages[0].message_id == body['rfc_message_id']
+    assert sink.messages[0].message_id == body["rfc_message_id"]
 
 
 @pytest.mark.parametrize("reply", ["421 4.3.2 Service shutting down", "450 4.2.0 Mailbox busy"])
@@ -160,9 +162,7 @@ async def test_one_refused_recipient_of_two_bounces_alone(
 ) -> None:
     sink.inject(Fault("rcpt", reply="550 5.1.1 Unknown", recipients=frozenset({"bob@example.com"})))
     async with api_client(relay_runtime) as client:
-        body = (
-            await send(client, sender.agent_key, {**MAIL, "cc": ["bob@example.com"]})
-        ).json()
+        body = (await send(client, sender.agent_key, {**MAIL, "cc": ["bob@example.com"]})).json()
     await drain(relay_runtime)
     detail = relay_runtime.outbound.get_as_system(body["id"])
     statuses = {r["address"]: r["status"] for r in detail["recipients"]}
@@ -192,3 +192,28 @@ async def test_mail_to_an_agent_on_the_gateway_is_delivered_locally_not_relayed(
     assert statuses == {colleague.address: "delivered", "alice@example.com": "sent"}
     assert [m["subject"] for m in inbox["messages"]] == ["Report"]
     assert [m.rcpt_tos for m in sink.messages] == [("alice@example.com",)]
+
+
+async def test_a_dsn_arriving_later_bounces_the_sent_message_and_suppresses_the_address(
+    relay_runtime: Runtime, sender: AgentHandle, sink: SmtpSink
+) -> None:
+    async with api_client(relay_runtime) as client:
+        body = (await send(client, sender.agent_key, MAIL)).json()
+        await drain(relay_runtime)
+        assert relay_runtime.outbound.get_as_system(body["id"])["status"] == "sent"
+        report = dsn_bytes(
+            sender, [("alice@example.com", "failed", "5.1.1")], original_id=body["rfc_message_id"]
+        )
+        await asyncio.to_thread(feedback_ingest, relay_runtime, sender, report)
+        again = (await send(client, sender.agent_key, MAIL)).json()
+    detail = relay_runtime.outbound.get_as_system(body["id"])
+    assert detail["status"] == "bounced"
+    assert detail["recipients"][0]["status"] == "bounced"
+    with relay_runtime.db.read() as conn:
+        rows = conn.execute(select(suppressions)).all()
+        types = list(conn.execute(select(events.c.type).order_by(events.c.seq)).scalars())
+    assert [(r.address, r.reason, r.source) for r in rows] == [
+        ("alice@example.com", "hard_bounce", "dsn")
+    ]
+    assert types.index("outbound.bounced") > types.index("outbound.sent")
+    assert again["decision"]["codes"] == ["suppressed"]

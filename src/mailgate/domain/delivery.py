@@ -99,8 +99,7 @@ class RetryPolicy:
         return RetryDecision(
             now + timedelta(seconds=delay),
             None,
-            f"temporary failure: attempt {attempts + 1} of {self.max_attempts} "
-            f"in {delay:.0f}s",
+            f"temporary failure: attempt {attempts + 1} of {self.max_attempts} in {delay:.0f}s",
         )
 
 

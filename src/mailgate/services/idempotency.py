@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import Connection, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailgate.errors import IdempotencyInFlight, IdempotencyKeyMissing, IdempotencyKeyReused
@@ -195,17 +195,20 @@ class IdempotencyStore:
             )
 
     def purge_expired(self, now: datetime, *, limit: int = 1000) -> int:
-        """Forget keys past their retention (the retention job calls this)."""
+        """Forget up to ``limit`` keys past their retention; returns how many (the
+        retention job calls this until fewer than ``limit`` went)."""
         with self.db.write() as conn:
             ids = conn.execute(
                 select(idempotency_keys.c.agent_id, idempotency_keys.c.key)
                 .where(idempotency_keys.c.expires_at < now)
                 .limit(limit)
             ).all()
-            for agent_id, key in ids:
+            if ids:
                 conn.execute(
                     delete(idempotency_keys).where(
-                        idempotency_keys.c.agent_id == agent_id, idempotency_keys.c.key == key
-                    )
+                        idempotency_keys.c.agent_id == bindparam("a"),
+                        idempotency_keys.c.key == bindparam("k"),
+                    ),
+                    [{"a": agent_id, "k": key} for agent_id, key in ids],
                 )
         return len(ids)

@@ -201,6 +201,10 @@ async def _transaction(
         options.append("SMTPUTF8")
     if not message.raw.isascii() and client.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
+    if client.supports_extension("dsn"):
+        # RFC 3461: a bounce names our request (Original-Envelope-Id) and returns
+        # only the headers, so feedback can match it without the Message-ID.
+        options.extend((f"ENVID={message.outbound_id}", "RET=HDRS"))
     encoding = "utf-8" if utf8 else "ascii"
 
     try:

@@ -1,4 +1,5 @@
-"""The retention worker: purges expired trash (and what only it used) on a timer.
+"""The retention worker: purges expired trash (and what only it used) and expired
+idempotency keys on a timer.
 
 Each round calls :meth:`~mailgate.services.mailbox.MailboxService.purge_trash` in a
 worker thread (it does blocking database and file I/O) until a run reports nothing
@@ -17,6 +18,8 @@ from mailgate.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+IDEMPOTENCY_BATCH = 1000
+"""Expired idempotency keys forgotten per run (``IdempotencyStore.purge_expired``)."""
 MAX_RUNS_PER_ROUND = 100
 """Batches one round may purge before yielding to the next interval (a huge backlog
 drains over several rounds instead of holding a thread indefinitely)."""
@@ -29,6 +32,13 @@ async def run_retention(runtime: Runtime, *, interval: float, stop: asyncio.Even
             for _ in range(MAX_RUNS_PER_ROUND):
                 result = await asyncio.to_thread(runtime.mailbox.purge_trash)
                 if not result.more or stop.is_set():
+                    break
+            for _ in range(MAX_RUNS_PER_ROUND):
+                now = runtime.clock.now()
+                forgotten = await asyncio.to_thread(
+                    runtime.outbound.idempotency.purge_expired, now
+                )
+                if forgotten < IDEMPOTENCY_BATCH or stop.is_set():
                     break
         except Exception:
             log.exception("retention run failed; next try in %.0f s", interval)

@@ -303,7 +303,6 @@ def upgrade() -> None:
         )
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table("agents", schema=None) as batch_op:
         batch_op.drop_column("tier")
