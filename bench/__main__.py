@@ -1,5 +1,5 @@
 """``python -m bench`` (``make bench``): run the SMTP matrix, the rules cost, the webhook
-comparison and the RSS check, print tables.
+comparison, the outbound section and the RSS check, print tables.
 
 Everything is bounded: each cell has a timeout, the whole run has a cap, and every
 server subprocess is stopped in a ``finally`` (Ctrl-C and SIGTERM included). Server
@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import report
+from bench.outbound import OUTBOUND_FULL, OUTBOUND_QUICK, OutboundResult, run_outbound
 from bench.procs import BenchError
 from bench.rss import RssResult
 from bench.rss import measure as measure_rss
@@ -48,6 +49,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-webhook", action="store_true", help="skip the SendGrid webhook comparison"
+    )
+    parser.add_argument(
+        "--no-outbound",
+        action="store_true",
+        help="skip the outbound section (POST /v1/send accept rate, send→deliver over SMTP)",
     )
     parser.add_argument(
         "--webhook-client",
@@ -85,9 +91,11 @@ async def _main(args: argparse.Namespace, console: Console, workdir: Path) -> in
     rules_plan = RULES_QUICK if args.quick else RULES_FULL
     webhook_plan = WEBHOOK_QUICK if args.quick else WEBHOOK_FULL
     webhook_plan = dataclasses.replace(webhook_plan, client=args.webhook_client)
+    outbound_plan = OUTBOUND_QUICK if args.quick else OUTBOUND_FULL
     if args.repeats:
         rules_plan = dataclasses.replace(rules_plan, repeats=args.repeats)
         webhook_plan = dataclasses.replace(webhook_plan, repeats=args.repeats)
+        outbound_plan = dataclasses.replace(outbound_plan, repeats=args.repeats)
 
     async with asyncio.timeout(cap):
         result = await run_matrix(plan, workdir, progress)
@@ -97,20 +105,27 @@ async def _main(args: argparse.Namespace, console: Console, workdir: Path) -> in
         webhook: WebhookResult | None = None
         if not args.no_webhook:
             webhook = await run_webhook(webhook_plan, workdir, progress)
+        outbound: OutboundResult | None = None
+        if not args.no_outbound:
+            outbound = await run_outbound(outbound_plan, workdir, progress)
         rss: RssResult | None = None
         if plan.rss_limit is not None:
             progress("measuring peak RSS")
             rss = await measure_rss(workdir, plan.rss_limit)
     wall = time.perf_counter() - started
-    report.render(console, info, result, rss, wall, rules=rules, webhook=webhook)
+    report.render(console, info, result, rss, wall, rules=rules, webhook=webhook, outbound=outbound)
     out = args.json or RESULTS / ("quick.json" if args.quick else "latest.json")
-    report.write_json(out, report.to_json(info, result, rss, wall, rules=rules, webhook=webhook))
+    report.write_json(
+        out,
+        report.to_json(info, result, rss, wall, rules=rules, webhook=webhook, outbound=outbound),
+    )
     console.print(f"results written to {out}")
     _, ok = report.verdict(result)
     missed = (
         ok is False
         or (rss is not None and not rss.passed)
         or (rules is not None and rules.passed() is False)
+        or (outbound is not None and outbound.passed() is False)
     )
     return 1 if args.strict and missed else 0
 

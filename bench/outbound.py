@@ -100,7 +100,7 @@ class OutboundPlan:
 
 
 OUTBOUND_FULL = OutboundPlan(
-    sends=500, baseline_sends=2000, relay_sends=300, repeats=3, warmup=40, cell_timeout=120
+    sends=400, baseline_sends=2000, relay_sends=250, repeats=3, warmup=40, cell_timeout=120
 )
 OUTBOUND_QUICK = OutboundPlan(
     sends=120, baseline_sends=400, relay_sends=80, repeats=1, warmup=16, cell_timeout=60

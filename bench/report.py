@@ -21,6 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.outbound import SEND_CONCURRENCY, OutboundResult, RelayCell, SendCell
+from bench.outbound import TARGET_RATIO as OUTBOUND_TARGET
 from bench.rss import TARGET_MULTIPLE, RssResult
 from bench.rules import TARGET_RATIO as RULES_TARGET
 from bench.rules import RulesResult
@@ -112,6 +114,7 @@ def render(
     *,
     rules: RulesResult | None = None,
     webhook: WebhookResult | None = None,
+    outbound: OutboundResult | None = None,
 ) -> None:
     plan = result.plan
     console.print(
@@ -220,6 +223,8 @@ def render(
         render_rules(console, rules)
     if webhook is not None:
         render_webhook(console, webhook)
+    if outbound is not None:
+        render_outbound(console, outbound)
 
     if rss is not None:
         ok = rss.passed
@@ -345,6 +350,97 @@ def render_webhook(console: Console, webhook: WebhookResult) -> None:
     _note_noise(console, [c.other_load for c in webhook.cells])
 
 
+def render_outbound(console: Console, outbound: OutboundResult) -> None:
+    """Two tables: sends accepted through the policy gateway against a bare JSON
+    endpoint, and send→deliver through the SMTP relay transport against aiosmtplib."""
+    plan = outbound.plan
+
+    def sm(target: str, metric: Callable[[SendCell], float | None]) -> float | None:
+        return outbound.send_median(target, metric)
+
+    accept = Table(
+        title=f"Outbound accept: POST /v1/send at c={SEND_CONCURRENCY}, capture transport, "
+        f"sends/s (median of {plan.repeats})",
+        caption=f"mailgate: 201 queued (every guard step passed, request, recipients, thread "
+        f"copy, audit and idempotent response committed), one recipient, "
+        f"{outbound.request_bytes:,} B JSON, {plan.sends} sends per cell; all sent: until "
+        "the delivery worker in the same process marked every send sent (informative). "
+        f"base: bare ASGI JSON endpoint, same uvicorn settings and client, "
+        f"{plan.baseline_sends} requests per cell. µs CPU: server user+sys per send while "
+        "accepting (its delivery worker included) and until all sent. client / other: "
+        "cores used by the load generator / by unrelated processes (max).",
+    )
+    columns = (
+        "target", "sends/s", "ratio", "µs CPU", "µs CPU all sent", "p50 ms", "p99 ms",
+        "all sent s", "all sent/s", "client", "other max",
+    )  # fmt: skip
+    for name in columns:
+        accept.add_column(name, justify="left" if name == "target" else "right")
+    base_rate = sm("baseline", lambda c: c.rate)
+    for target in ("baseline", "mailgate"):
+        cells = [c for c in outbound.send_cells if c.target == target]
+        rate = sm(target, lambda c: c.rate)
+        gateway = target == "mailgate"
+        accept.add_row(
+            target,
+            _fmt(rate),
+            _fmt(_ratio(rate, base_rate), ".3f") + "x",
+            _fmt(sm(target, lambda c: c.cpu_per_send_us)),
+            _fmt(sm(target, lambda c: c.cpu_total_per_send_us) if gateway else None),
+            _fmt(sm(target, lambda c: c.latency_p50 * 1e3), ".1f"),
+            _fmt(sm(target, lambda c: c.latency_p99 * 1e3), ".1f"),
+            _fmt(sm(target, lambda c: c.delivered), ".2f"),
+            _fmt(sm(target, lambda c: c.delivered_rate)),
+            _fmt(max((c.client_load for c in cells), default=None), ".2f"),
+            _fmt(max((c.other_load for c in cells), default=None), ".2f"),
+        )
+    console.print(accept)
+
+    def rm(target: str, metric: Callable[[RelayCell], float | None]) -> float | None:
+        return outbound.relay_median(target, metric)
+
+    pairs = ", ".join(f"{r:.2f}" for r in outbound.pair_ratios())
+    size = rm("mailgate", lambda c: c.message_bytes)
+    relay = Table(
+        title=f"Outbound send→deliver: {plan.relay_sends} messages through the SMTP relay "
+        f"transport to an aiosmtpd sink vs raw aiosmtplib (median of {plan.repeats})",
+        caption=f"seconds from the first POST /v1/send (at c={SEND_CONCURRENCY}) / the "
+        "first MAIL to the last message at the sink (one spool file each, counted by the "
+        "sink). aiosmtplib: the same messages (mailgate's bytes, "
+        f"{_fmt(size)} B mean, same recipients) over {outbound.sessions} kept-open "
+        f"sessions (= delivery_workers). ratio: aiosmtplib s / mailgate s, higher is "
+        f"better; per repeat: {pairs or '-'}. submit s: until the last 201; lag s: last "
+        "201 to the last message at the sink. µs CPU: per message, of the gateway (HTTP, "
+        "policy, store, delivery) and of the sink.",
+    )
+    columns = (
+        "sender", "s to N at sink", "msgs/s", "ratio", "target", "submit s", "lag s",
+        "µs CPU gateway", "µs CPU sink", "client", "other max",
+    )  # fmt: skip
+    for name in columns:
+        relay.add_column(name, justify="left" if name in ("sender", "target") else "right")
+    for target in ("aiosmtplib", "mailgate"):
+        relayed = [c for c in outbound.relay_cells if c.target == target]
+        gateway = target == "mailgate"
+        relay.add_row(
+            target if gateway else f"aiosmtplib ({outbound.sessions} sessions)",
+            _fmt(rm(target, lambda c: c.elapsed), ".2f"),
+            _fmt(rm(target, lambda c: c.rate)),
+            (_fmt(outbound.relay_ratio(), ".3f") + "x") if gateway else "",
+            f"≥ {OUTBOUND_TARGET:.2f}x: {_pass(outbound.passed())}" if gateway else "",
+            _fmt(rm(target, lambda c: c.submit_elapsed), ".2f"),
+            _fmt(rm(target, lambda c: c.lag), ".2f"),
+            _fmt(rm(target, lambda c: c.server_cpu_per_message_us)),
+            _fmt(rm(target, lambda c: c.sink_cpu_per_message_us)),
+            _fmt(max((c.client_load for c in relayed), default=None), ".2f"),
+            _fmt(max((c.other_load for c in relayed), default=None), ".2f"),
+        )
+    console.print(relay)
+    loads = [c.other_load for c in outbound.send_cells]
+    loads += [r.other_load for r in outbound.relay_cells]
+    _note_noise(console, loads)
+
+
 def _note_noise(console: Console, loads: list[float]) -> None:
     noisy = [load for load in loads if load > NOISY_LOAD]
     if noisy:
@@ -399,6 +495,38 @@ def _webhook_json(webhook: WebhookResult) -> dict[str, Any]:
     }
 
 
+def _outbound_json(outbound: OutboundResult) -> dict[str, Any]:
+    plan = outbound.plan
+    return {
+        "plan": asdict(plan),
+        "concurrency": SEND_CONCURRENCY,
+        "relay_sessions": outbound.sessions,
+        "request_bytes": outbound.request_bytes,
+        "accept": {
+            "rate": {
+                t: outbound.send_median(t, lambda c: c.rate) for t in ("baseline", "mailgate")
+            },
+            "ratio": outbound.send_ratio(),
+            "all_sent_seconds": outbound.send_median("mailgate", lambda c: c.delivered),
+            "all_sent_rate": outbound.send_median("mailgate", lambda c: c.delivered_rate),
+        },
+        "relay": {
+            "seconds": {
+                t: outbound.relay_median(t, lambda c: c.elapsed) for t in ("aiosmtplib", "mailgate")
+            },
+            "ratio": outbound.relay_ratio(),
+            "pair_ratios": outbound.pair_ratios(),
+            "min": OUTBOUND_TARGET,
+            "passed": outbound.passed(),
+        },
+        "send_cells": [
+            {**asdict(c), "rate": c.rate, "cpu_per_send_us": c.cpu_per_send_us}
+            for c in outbound.send_cells
+        ],
+        "relay_cells": [{**asdict(c), "rate": c.rate} for c in outbound.relay_cells],
+    }
+
+
 def to_json(
     info: dict[str, Any],
     result: RunResult,
@@ -407,6 +535,7 @@ def to_json(
     *,
     rules: RulesResult | None = None,
     webhook: WebhookResult | None = None,
+    outbound: OutboundResult | None = None,
 ) -> dict[str, Any]:
     ratio, ok = verdict(result)
     return {
@@ -422,6 +551,7 @@ def to_json(
         "rss": None if rss is None else rss.as_dict(),
         "rules": None if rules is None else _rules_json(rules),
         "webhook": None if webhook is None else _webhook_json(webhook),
+        "outbound": None if outbound is None else _outbound_json(outbound),
         "wall_seconds": wall_seconds,
     }
 

@@ -492,6 +492,7 @@ async def test_unknown_routes_and_wrong_methods_answer_problems(
     assert wrong.status_code == 405 and problem_code(wrong) == "method_not_allowed"
 
 
+@pytest.mark.breaks_schema
 async def test_an_unexpected_failure_is_a_500_problem_that_reveals_nothing(
     runtime: Runtime, agent: AgentHandle
 ) -> None:

@@ -438,6 +438,7 @@ async def test_the_retention_worker_purges_until_told_to_stop(
         await worker
 
 
+@pytest.mark.breaks_schema
 @pytest.mark.anyio
 async def test_a_failing_retention_run_is_logged_and_the_worker_goes_on(
     rt: Runtime, caplog: pytest.LogCaptureFixture
