@@ -78,23 +78,32 @@ def _admin(sql: str, database: str | None = None) -> None:
         conn.execute(sql)
 
 
-_TABLES = ", ".join(f'"{t.name}"' for t in reversed(metadata.sorted_tables))
+_EMPTY = "; ".join(
+    [f'DELETE FROM "{t.name}"' for t in reversed(metadata.sorted_tables)]
+    + [
+        f"SELECT setval(pg_get_serial_sequence('{t.name}', 'seq'), 1, false)"
+        for t in metadata.sorted_tables
+        if "seq" in t.c and t.c.seq.primary_key
+    ]
+)
+"""Every table emptied (dependents first) and every ``seq`` counter restarted, in one
+transaction: ~5 ms, where TRUNCATE (new files, an fsync each) took ~90 ms."""
 
 
 @pytest.fixture
 def pg_url(pg_database: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """The session's migrated PostgreSQL database, emptied for this test.
 
-    One TRUNCATE of every table (~20 ms) instead of a database per test: copying a
-    template costs ~0.5 s (a checkpoint), which at ~1,500 PostgreSQL tests was most of
-    the suite's time. A test marked ``breaks_schema`` (it drops a table to make the
+    Emptying every table instead of a database per test: copying a template costs
+    ~0.5 s (a checkpoint), which at ~1,500 PostgreSQL tests was most of the suite's
+    time. A test marked ``breaks_schema`` (it drops a table to make the
     store fail) gets a copy of its own instead.
     """
     if request.node.get_closest_marker("breaks_schema") is None:
-        _admin(f"TRUNCATE {_TABLES} RESTART IDENTITY CASCADE", pg_database)
+        _admin(f"BEGIN; {_EMPTY}; COMMIT", pg_database)
         yield _url_for(pg_database)
         return
-    _admin(f"TRUNCATE {_TABLES} RESTART IDENTITY CASCADE", pg_database)
+    _admin(f"BEGIN; {_EMPTY}; COMMIT", pg_database)
     name = f"mg_scratch_{uuid.uuid4().hex[:12]}"
     _admin(f'CREATE DATABASE "{name}" TEMPLATE "{pg_database}"')
     yield _url_for(name)

@@ -23,7 +23,8 @@ def record(
     **detail: Any,
 ) -> None:
     conn.execute(
-        audit_log.insert().values(
+        audit_log.insert(),
+        dict(
             id=new_id("aud"),
             workspace_id=workspace_id,
             actor=actor,
@@ -32,5 +33,5 @@ def record(
             target_id=target_id,
             detail=detail,
             created_at=at,
-        )
+        ),
     )

@@ -175,14 +175,15 @@ class DeliveryService:
         )
         attempt_id = new_id("try")
         conn.execute(
-            delivery_attempts.insert().values(
+            delivery_attempts.insert(),
+            dict(
                 id=attempt_id,
                 outbound_id=row.id,
                 number=number,
                 transport=self._transport_name(row.kind),
                 worker=self.worker_id,
                 started_at=now,
-            )
+            ),
         )
         return Claimed(
             id=row.id,

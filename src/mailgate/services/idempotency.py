@@ -136,7 +136,7 @@ class IdempotencyStore:
             "expires_at": now + self.ttl,
         }
         if row is None:
-            conn.execute(idempotency_keys.insert().values(agent_id=agent_id, key=key, **values))
+            conn.execute(idempotency_keys.insert(), dict(agent_id=agent_id, key=key, **values))
             return claim
         if row.expires_at <= now:  # forgotten: a new use of an old key
             conn.execute(update(idempotency_keys).where(where).values(**values))

@@ -341,7 +341,7 @@ class OutboundService:
                 "created_at": now,
                 "updated_at": now,
             }
-            conn.execute(outbound.insert().values(**row))
+            conn.execute(outbound.insert(), dict(**row))
             kinds = {a.address.lower(): "to" for a in composed.to}
             for a in composed.cc:
                 kinds.setdefault(a.address.lower(), "cc")
@@ -526,7 +526,8 @@ class OutboundService:
             - set(sender.addresses)
         )[:100]
         conn.execute(
-            threads.insert().values(
+            threads.insert(),
+            dict(
                 id=thread_id,
                 workspace_id=sender.workspace_id,
                 agent_id=sender.agent_id,
@@ -536,7 +537,7 @@ class OutboundService:
                 message_count=0,
                 first_message_at=now,
                 last_message_at=now,
-            )
+            ),
         )
         return thread_id
 
@@ -547,7 +548,8 @@ class OutboundService:
         parsed = built.parsed
         message_id = new_id("msg")
         conn.execute(
-            messages.insert().values(
+            messages.insert(),
+            dict(
                 **_message_row(parsed, built),
                 id=message_id,
                 workspace_id=sender.workspace_id,
@@ -561,7 +563,7 @@ class OutboundService:
                 received_at=now,
                 visible_at=now,
                 folder_changed_at=now,
-            )
+            ),
         )
         if parsed.attachments:
             conn.execute(
@@ -709,7 +711,8 @@ class OutboundService:
         now: datetime,
     ) -> None:
         conn.execute(
-            outbound.insert().values(
+            outbound.insert(),
+            dict(
                 id=outbound_id,
                 workspace_id=workspace_id,
                 agent_id=None,
@@ -726,7 +729,7 @@ class OutboundService:
                 next_attempt_at=now,
                 created_at=now,
                 updated_at=now,
-            )
+            ),
         )
 
     # -- reading -----------------------------------------------------------------------
@@ -1011,7 +1014,8 @@ class OutboundService:
                 state=current,
             )
         conn.execute(
-            approvals.insert().values(
+            approvals.insert(),
+            dict(
                 id=new_id("apr"),
                 outbound_id=row.id,
                 workspace_id=row.workspace_id,
@@ -1019,7 +1023,7 @@ class OutboundService:
                 verdict=verdict,
                 comment=comment[:4000],
                 created_at=now,
-            )
+            ),
         )
         conn.execute(
             update(outbound_recipients)

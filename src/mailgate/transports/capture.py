@@ -59,7 +59,8 @@ class CaptureTransport:
     def _insert(self, captured_id: str, message: OutgoingMessage) -> None:
         with self.db.write() as conn:
             conn.execute(
-                captured.insert().values(
+                captured.insert(),
+                dict(
                     id=captured_id,
                     workspace_id=message.workspace_id,
                     agent_id=message.agent_id,
@@ -71,7 +72,7 @@ class CaptureTransport:
                     raw_sha256=hashlib.sha256(message.raw).hexdigest(),
                     raw_size=len(message.raw),
                     created_at=self.clock.now(),
-                )
+                ),
             )
 
     async def aclose(self) -> None:
