@@ -35,9 +35,7 @@ async def run_retention(runtime: Runtime, *, interval: float, stop: asyncio.Even
                     break
             for _ in range(MAX_RUNS_PER_ROUND):
                 now = runtime.clock.now()
-                forgotten = await asyncio.to_thread(
-                    runtime.outbound.idempotency.purge_expired, now
-                )
+                forgotten = await asyncio.to_thread(runtime.outbound.idempotency.purge_expired, now)
                 if forgotten < IDEMPOTENCY_BATCH or stop.is_set():
                     break
         except Exception:
