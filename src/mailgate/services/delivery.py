@@ -408,22 +408,8 @@ class DeliveryService:
             if permanent:
                 self._bounce(conn, job, {a: detail for a in job.recipients}, now)
             elif job.agent_id is not None:
-                append_event(
-                    conn,
-                    workspace_id=job.workspace_id,
-                    agent_id=job.agent_id,
-                    type=OUTBOUND_BOUNCED,
-                    thread_id=job.thread_id,
-                    created_at=now,
-                    payload={
-                        "outbound_id": job.id,
-                        "agent_id": job.agent_id,
-                        "recipients": list(job.recipients),
-                        "reason": decision.reason,
-                        "detail": detail,
-                        "source": "delivery",
-                        "permanent": False,
-                    },
+                _bounced_event(
+                    conn, job, list(job.recipients), decision.reason, detail, now, permanent=False
                 )
         return Outcome(job.id, final, job.attempt, decision.reason)
 
@@ -477,22 +463,14 @@ class DeliveryService:
                 source="smtp",
                 outbound_id=job.id,
             )
-        append_event(
+        _bounced_event(
             conn,
-            workspace_id=job.workspace_id,
-            agent_id=job.agent_id,
-            type=OUTBOUND_BOUNCED,
-            thread_id=job.thread_id,
-            created_at=now,
-            payload={
-                "outbound_id": job.id,
-                "agent_id": job.agent_id,
-                "recipients": sorted(refused),
-                "reason": "hard_bounce",
-                "detail": next(iter(refused.values()), ""),
-                "source": "smtp",
-                "permanent": True,
-            },
+            job,
+            sorted(refused),
+            "hard_bounce",
+            next(iter(refused.values()), ""),
+            now,
+            permanent=True,
         )
 
     # -- one round -----------------------------------------------------------------------
@@ -501,6 +479,36 @@ class DeliveryService:
         """Claim and deliver what is due now, concurrently (tests and the CLI)."""
         jobs = await asyncio.to_thread(self.claim, limit)
         return list(await asyncio.gather(*(self.deliver(job) for job in jobs)))
+
+
+def _bounced_event(
+    conn: Connection,
+    job: Claimed,
+    recipients: list[str],
+    reason: str,
+    detail: str,
+    now: datetime,
+    *,
+    permanent: bool,
+) -> None:
+    """``outbound.bounced`` for the agent: a 5xx (``permanent``) or retries used up."""
+    append_event(
+        conn,
+        workspace_id=job.workspace_id,
+        agent_id=job.agent_id,
+        type=OUTBOUND_BOUNCED,
+        thread_id=job.thread_id,
+        created_at=now,
+        payload={
+            "outbound_id": job.id,
+            "agent_id": job.agent_id,
+            "recipients": recipients,
+            "reason": reason,
+            "detail": detail,
+            "source": "smtp" if permanent else "delivery",
+            "permanent": permanent,
+        },
+    )
 
 
 def _subject(raw: bytes) -> str:
