@@ -4,15 +4,33 @@ the delivery worker's rounds, and read what happened."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 from sqlalchemy import func, select
 
+from mailgate.clock import Clock
+from mailgate.config import Settings
 from mailgate.runtime import Runtime
 from mailgate.services.delivery import Outcome
 from mailgate.services.mailbox import Operator
 from mailgate.store.schema import outbound
+
+
+@asynccontextmanager
+async def outbound_runtime(
+    settings: Settings, *, clock: Clock | None = None, **update: Any
+) -> AsyncIterator[Runtime]:
+    """A runtime on the test's database with ``update`` applied to its settings; its
+    transport connections are closed on the loop that opened them."""
+    runtime = Runtime.build(settings.model_copy(update=update), clock=clock)
+    try:
+        yield runtime
+        await runtime.aclose_outbound()
+    finally:
+        runtime.close()
 
 
 def set_tier(runtime: Runtime, agent_id: str, tier: str) -> None:

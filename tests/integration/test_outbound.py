@@ -9,12 +9,21 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from mailgate.clock import FakeClock
+from mailgate.config import Settings
 from mailgate.runtime import Runtime
 from mailgate.store.schema import audit_log, captured, events, messages
 from mailgate.testing import build_message
 from tests.conftest import AgentHandle, make_agent
 from tests.integration.api_support import ENVELOPE, api_client
-from tests.integration.outbound_support import count_outbound, drain, reply, send, set_tier
+from tests.integration.outbound_support import (
+    count_outbound,
+    drain,
+    outbound_runtime,
+    reply,
+    send,
+    set_tier,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -125,12 +134,13 @@ async def test_the_same_key_and_payload_return_the_first_response_and_send_once(
 
 
 async def test_keys_are_scoped_per_agent(runtime: Runtime, agent: AgentHandle) -> None:
-    other = make_agent(runtime, "second bot", workspace="other")
-    for handle in (agent, other):
-        set_tier(runtime, handle.agent_id, "open")
+    # A second agent of the same workspace: a workspace-wide key space would replay.
+    other = runtime.tenancy.create_agent(agent.workspace_id, "second bot")
+    for agent_id in (agent.agent_id, other.agent_id):
+        set_tier(runtime, agent_id, "open")
     async with api_client(runtime) as client:
         a = await send(client, agent.agent_key, MAIL, idem="shared")
-        b = await send(client, other.agent_key, MAIL, idem="shared")
+        b = await send(client, other.api_key, MAIL, idem="shared")
     assert a.status_code == b.status_code == 201
     assert a.json()["id"] != b.json()["id"]
 
@@ -346,13 +356,10 @@ async def test_a_rejected_request_is_never_sent_and_leaves_the_outbox(
 
 
 async def test_held_requests_expire_after_the_approval_window(
-    settings: Any,
+    settings: Settings,
 ) -> None:
-    from mailgate.clock import FakeClock
-
     clock = FakeClock()
-    rt = Runtime.build(settings.model_copy(update={"approval_expiry_hours": 1.0}), clock=clock)
-    try:
+    async with outbound_runtime(settings, clock=clock, approval_expiry_hours=1.0) as rt:
         handle = make_agent(rt)
         set_tier(rt, handle.agent_id, "open")
         async with api_client(rt) as client:
@@ -371,31 +378,23 @@ async def test_held_requests_expire_after_the_approval_window(
         clock.advance(3601)
         assert rt.outbound.expire_pending() == 1
         assert rt.outbound.get_as_system(held["id"])["status"] == "expired"
-    finally:
-        rt.close()
 
 
 async def test_hourly_rate_limit_blocks_with_reason_rate_limited(
-    settings: Any,
+    settings: Settings,
 ) -> None:
-    rt = Runtime.build(settings.model_copy(update={"rate_per_hour": 2}))
-    try:
+    async with outbound_runtime(settings, rate_per_hour=2) as rt:
         handle = make_agent(rt)
         set_tier(rt, handle.agent_id, "open")
         async with api_client(rt) as client:
             results = [(await send(client, handle.agent_key, MAIL)).json() for _ in range(3)]
         assert [r["status"] for r in results] == ["queued", "queued", "blocked"]
         assert results[2]["decision"]["codes"] == ["rate_limited"]
-    finally:
-        rt.close()
 
 
-async def test_idempotency_keys_are_kept_for_the_ttl_then_forgotten(settings: Any) -> None:
-    from mailgate.clock import FakeClock
-
+async def test_idempotency_keys_are_kept_for_the_ttl_then_forgotten(settings: Settings) -> None:
     clock = FakeClock()
-    rt = Runtime.build(settings.model_copy(update={"idempotency_ttl_hours": 24.0}), clock=clock)
-    try:
+    async with outbound_runtime(settings, clock=clock, idempotency_ttl_hours=24.0) as rt:
         handle = make_agent(rt)
         set_tier(rt, handle.agent_id, "open")
         async with api_client(rt) as client:
@@ -408,5 +407,19 @@ async def test_idempotency_keys_are_kept_for_the_ttl_then_forgotten(settings: An
             fresh = await send(client, handle.agent_key, MAIL, idem="daily")
         assert replay.json()["id"] == first.json()["id"]
         assert fresh.json()["id"] != first.json()["id"]
-    finally:
-        rt.close()
+
+
+async def test_the_outbound_log_pages_newest_first_with_its_cursor(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    async with api_client(runtime) as client:
+        sent = [(await send(client, agent.agent_key, MAIL)).json()["id"] for _ in range(3)]
+        headers = {"Authorization": f"Bearer {agent.agent_key}"}
+        first = (await client.get("/v1/outbound", params={"limit": 2}, headers=headers)).json()
+        rest = await client.get(
+            "/v1/outbound", params={"limit": 2, "cursor": first["next_cursor"]}, headers=headers
+        )
+    assert [o["id"] for o in first["outbound"]] == sent[:0:-1]
+    assert rest.status_code == 200, rest.text
+    assert [o["id"] for o in rest.json()["outbound"]] == sent[:1]
+    assert rest.json()["next_cursor"] is None

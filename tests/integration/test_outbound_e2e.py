@@ -21,7 +21,7 @@ from mailgate.store.schema import captured
 from mailgate.testing.sendgrid_api import FakeSendGrid
 from tests.conftest import make_agent
 from tests.integration.api_support import api_client
-from tests.integration.outbound_support import drain, send, set_tier
+from tests.integration.outbound_support import drain, outbound_runtime, send, set_tier
 
 pytestmark = pytest.mark.anyio
 
@@ -36,20 +36,15 @@ def sendgrid() -> Iterator[FakeSendGrid]:
 
 @pytest.fixture
 async def sendgrid_runtime(settings: Settings, sendgrid: FakeSendGrid) -> AsyncIterator[Runtime]:
-    rt = Runtime.build(
-        settings.model_copy(
-            update={
-                "transport": "sendgrid",
-                "sendgrid_api_url": sendgrid.base_url,
-                "sendgrid_api_key": SecretStr("SG.test-key"),
-                "retry_base_seconds": 0.001,
-                "retry_max_seconds": 0.002,
-            }
-        )
-    )
-    yield rt
-    await rt.aclose_outbound()
-    rt.close()
+    async with outbound_runtime(
+        settings,
+        transport="sendgrid",
+        sendgrid_api_url=sendgrid.base_url,
+        sendgrid_api_key=SecretStr("SG.test-key"),
+        retry_base_seconds=0.001,
+        retry_max_seconds=0.002,
+    ) as rt:
+        yield rt
 
 
 async def test_the_sendgrid_transport_sends_through_the_v3_contract_and_keeps_its_id(
@@ -130,8 +125,7 @@ def hook() -> Iterator[str]:
 async def test_a_held_request_is_posted_to_the_approval_webhook(
     settings: Settings, hook: str
 ) -> None:
-    rt = Runtime.build(settings.model_copy(update={"approval_webhook_url": hook}))
-    try:
+    async with outbound_runtime(settings, approval_webhook_url=hook) as rt:
         agent = make_agent(rt)
         set_tier(rt, agent.agent_id, "open")
         async with api_client(rt) as client:
@@ -148,9 +142,6 @@ async def test_a_held_request_is_posted_to_the_approval_webhook(
             )
             held = (await send(client, agent.agent_key, MAIL)).json()
         outcomes = await drain(rt)
-        await rt.aclose_outbound()
-    finally:
-        rt.close()
     assert [o.state for o in outcomes] == ["sent"]
     assert len(_Hook.received) == 1
     posted = _Hook.received[0]

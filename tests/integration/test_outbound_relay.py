@@ -16,7 +16,7 @@ from mailgate.store.schema import events, outbound, suppressions
 from mailgate.testing.smtp_sink import Fault, SmtpSink
 from tests.conftest import AgentHandle, make_agent
 from tests.integration.api_support import api_client
-from tests.integration.outbound_support import drain, send, set_tier
+from tests.integration.outbound_support import drain, outbound_runtime, send, set_tier
 from tests.integration.test_feedback import dsn_bytes
 from tests.integration.test_feedback import ingest as feedback_ingest
 
@@ -33,22 +33,17 @@ def sink() -> Iterator[SmtpSink]:
 
 @pytest.fixture
 async def relay_runtime(settings: Settings, sink: SmtpSink) -> AsyncIterator[Runtime]:
-    rt = Runtime.build(
-        settings.model_copy(
-            update={
-                "transport": "smtp",
-                "relay_host": sink.host,
-                "relay_port": sink.port,
-                "relay_starttls": "off",
-                "relay_timeout_seconds": 5.0,
-                "retry_base_seconds": 0.001,
-                "retry_max_seconds": 0.002,
-            }
-        )
-    )
-    yield rt
-    await rt.aclose_outbound()
-    rt.close()
+    async with outbound_runtime(
+        settings,
+        transport="smtp",
+        relay_host=sink.host,
+        relay_port=sink.port,
+        relay_starttls="off",
+        relay_timeout_seconds=5.0,
+        retry_base_seconds=0.001,
+        retry_max_seconds=0.002,
+    ) as rt:
+        yield rt
 
 
 @pytest.fixture

@@ -30,8 +30,6 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.parser import BytesHeaderParser
-from email.policy import default
 from typing import Any
 
 import httpx
@@ -78,6 +76,7 @@ class Claimed:
     recipients: tuple[str, ...]
     raw_sha256: str
     rfc_message_id: str
+    subject: str
     message_id: str | None
     thread_id: str | None
     attempt: int
@@ -194,6 +193,7 @@ class DeliveryService:
             recipients=tuple(row.recipients),
             raw_sha256=row.raw_sha256,
             rfc_message_id=row.rfc_message_id,
+            subject=row.subject,
             message_id=row.message_id,
             thread_id=row.thread_id,
             attempt=number,
@@ -226,7 +226,7 @@ class DeliveryService:
                             recipients=remote,
                             raw=raw,
                             rfc_message_id=job.rfc_message_id,
-                            subject=_subject(raw),
+                            subject=job.subject,
                         )
                     )
                 else:
@@ -509,10 +509,3 @@ def _bounced_event(
             "permanent": permanent,
         },
     )
-
-
-def _subject(raw: bytes) -> str:
-    """The decoded Subject (transports that log or store it want it; cheap: headers only)."""
-    head = raw.split(b"\r\n\r\n", 1)[0]
-    message = BytesHeaderParser(policy=default).parsebytes(head)
-    return str(message.get("subject", ""))

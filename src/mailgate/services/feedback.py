@@ -52,8 +52,6 @@ its own transaction.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import re
@@ -84,7 +82,13 @@ from mailgate.services.events import (
     append_event,
 )
 from mailgate.services.mailbox import Actor, Operator
-from mailgate.services.queries import DEFAULT_LIMIT, MAX_LIMIT, Page
+from mailgate.services.queries import (
+    DEFAULT_LIMIT,
+    Page,
+    check_limit,
+    decode_time_cursor,
+    encode_cursor,
+)
 from mailgate.store.db import Database
 from mailgate.store.schema import (
     agents,
@@ -681,8 +685,7 @@ class FeedbackService:
             NotFound: (operator) no such workspace.
             ValidationFailed: bad ``limit``, ``reason`` or ``cursor``.
         """
-        if not 1 <= limit <= MAX_LIMIT:
-            raise _invalid("limit", f"must be between 1 and {MAX_LIMIT}")
+        check_limit(limit)
         if reason is not None and reason not in SUPPRESSION_REASONS:
             raise _invalid("reason", f"must be one of {', '.join(SUPPRESSION_REASONS)}")
         with self.db.read() as conn:
@@ -696,7 +699,7 @@ class FeedbackService:
             if reason is not None:
                 query = query.where(suppressions.c.reason == reason)
             if cursor is not None:
-                at, last_id = _decode_cursor(cursor)
+                at, last_id = decode_time_cursor(cursor, _CURSOR_KIND)
                 query = query.where(
                     (suppressions.c.created_at < at)
                     | ((suppressions.c.created_at == at) & (suppressions.c.id < last_id))
@@ -936,27 +939,10 @@ def _invalid(field: str, message: str) -> ValidationFailed:
     return ValidationFailed(f"{field} {message}", errors=[{"field": field, "message": message}])
 
 
+_CURSOR_KIND = "s"
+
+
 def _encode_cursor(last: _Row) -> str:
     """The position after ``last`` in (created_at, id) order: ids alone order only to
     the millisecond."""
-    value = f"s:{last.created_at.isoformat()}|{last.id}"
-    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raises:
-    ValidationFailed: not a cursor this listing handed out.
-    """
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
-    kind, _, value = text.partition(":")
-    at_text, sep, last_id = value.partition("|")
-    try:
-        at = datetime.fromisoformat(at_text)
-    except ValueError:
-        at = None
-    if kind != "s" or not sep or not last_id or at is None or at.tzinfo is None:
-        raise _invalid("cursor", "is not one this listing handed out")
-    return at, last_id
+    return encode_cursor(_CURSOR_KIND, f"{last.created_at.isoformat()}|{last.id}")

@@ -586,22 +586,7 @@ class _Batch:
                 "message_id_generated": prepared.message_id_generated,
                 "raw_sha256": prepared.raw_sha256,
                 "raw_size": prepared.raw_size,
-                "subject": parsed.subject,
-                "from_addr": [a.as_dict() for a in parsed.from_],
-                "from_address": (parsed.from_[0].address.lower()[:320] or None)
-                if parsed.from_
-                else None,
-                "to_addrs": to,
-                "cc_addrs": cc,
-                "reply_to": [a.as_dict() for a in parsed.reply_to],
-                "sent_date": parsed.date,
-                "in_reply_to": parsed.in_reply_to,
-                "references": list(parsed.references),
-                "text_body": parsed.text,
-                "html_body": parsed.html,
-                "preview": parsed.preview[:300],
-                "defects": list(parsed.defects),
-                "labels": [],
+                **message_columns(parsed, to=to, cc=cc),
                 "mail_from": envelope.mail_from[:1000],
                 "rcpt_to": recipient.address,
                 "client_address": envelope.client_address,
@@ -786,6 +771,32 @@ def _in_params(pairs: set[tuple[str, str]]) -> dict[str, list[str]]:
     and the few cross-product extras (another agent's key) are dropped in Python.
     """
     return {"agents": sorted({a for a, _ in pairs}), "keys": sorted({k for _, k in pairs})}
+
+
+def message_columns(
+    parsed: ParsedMessage,
+    *,
+    to: list[dict[str, str]] | None = None,
+    cc: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The ``messages`` columns that come from the parsed message itself (inbound and
+    the agents' own outbound copies alike); ``to``/``cc`` when already converted."""
+    return {
+        "subject": parsed.subject,
+        "from_addr": [a.as_dict() for a in parsed.from_],
+        "from_address": (parsed.from_[0].address.lower()[:320] or None) if parsed.from_ else None,
+        "to_addrs": to if to is not None else [a.as_dict() for a in parsed.to],
+        "cc_addrs": cc if cc is not None else [a.as_dict() for a in parsed.cc],
+        "reply_to": [a.as_dict() for a in parsed.reply_to],
+        "sent_date": parsed.date,
+        "in_reply_to": parsed.in_reply_to,
+        "references": list(parsed.references),
+        "text_body": parsed.text,
+        "html_body": parsed.html,
+        "preview": parsed.preview[:300],
+        "defects": list(parsed.defects),
+        "labels": [],
+    }
 
 
 def _participants(parsed: ParsedMessage, *, exclude: str) -> set[str]:

@@ -55,9 +55,16 @@ from mailgate.services.idempotency import (
     check_key,
     fingerprint,
 )
+from mailgate.services.ingest import message_columns
 from mailgate.services.mailbox import Actor, Operator
 from mailgate.services.policy import PolicyCache
-from mailgate.services.queries import Page, _decode_seq_cursor, _encode_cursor
+from mailgate.services.queries import (
+    Page,
+    check_limit,
+    decode_seq_cursor,
+    encode_seq_cursor,
+    page_rows,
+)
 from mailgate.store.blobs import TieredBlobStore
 from mailgate.store.db import Database
 from mailgate.store.dialect import insert_ignoring_conflicts
@@ -327,6 +334,7 @@ class OutboundService:
                 "thread_id": thread_id,
                 "replied_message_id": context.replied_message_id,
                 "rfc_message_id": built.rfc_message_id,
+                "subject": composed.subject,
                 "mail_from": sender.address,
                 "recipients": list(recipients),
                 "raw_sha256": built.sha256,
@@ -657,13 +665,18 @@ class OutboundService:
                 sender=from_,
             )
             rfc_id = compose.message_id_for(notice_id, domain)
-            raw = compose.build(notice, message_id=rfc_id, date=now)
-            sha = hashlib.sha256(raw).hexdigest()
-            self._keep(conn, raw, sha)
             self._queue_system(
-                conn, sender.workspace_id, notice_id, "notification", from_.address, emails,
-                rfc_id, raw, sha, row, now,
-            )  # fmt: skip
+                conn,
+                kind="notification",
+                outbound_id=notice_id,
+                about=row,
+                mail_from=from_.address,
+                recipients=emails,
+                rfc_id=rfc_id,
+                subject=notice.subject,
+                raw=compose.build(notice, message_id=rfc_id, date=now),
+                now=now,
+            )
             queued = True
         url = self.settings.approval_webhook_url
         if url:
@@ -681,46 +694,54 @@ class OutboundService:
                 },
                 sort_keys=True,
             ).encode()
-            sha = hashlib.sha256(body).hexdigest()
-            self._keep(conn, body, sha)
             self._queue_system(
-                conn, sender.workspace_id, hook_id, "webhook", "", [url], hook_id, body, sha,
-                row, now,
-            )  # fmt: skip
+                conn,
+                kind="webhook",
+                outbound_id=hook_id,
+                about=row,
+                mail_from="",
+                recipients=[url],
+                rfc_id=hook_id,
+                subject="",
+                raw=body,
+                now=now,
+            )
             queued = True
         return queued
 
-    def _keep(self, conn: Connection, data: bytes, sha: str) -> None:
-        if self.blobs.inlines(len(data)):
-            self.blobs.put_in(conn, data, sha)
-        else:
-            self.blobs.files.put(data, sha)
-
-    @staticmethod
     def _queue_system(
+        self,
         conn: Connection,
-        workspace_id: str,
-        outbound_id: str,
+        *,
         kind: str,
+        outbound_id: str,
+        about: dict[str, Any],
         mail_from: str,
         recipients: list[str],
         rfc_id: str,
+        subject: str,
         raw: bytes,
-        sha: str,
-        about: dict[str, Any],
         now: datetime,
     ) -> None:
+        """Queue a system notification about the request ``about`` (no agent, no
+        policy): its bytes stored, then a row the delivery worker sends."""
+        sha = hashlib.sha256(raw).hexdigest()
+        if self.blobs.inlines(len(raw)):
+            self.blobs.put_in(conn, raw, sha)
+        else:
+            self.blobs.files.put(raw, sha)
         conn.execute(
             outbound.insert(),
             dict(
                 id=outbound_id,
-                workspace_id=workspace_id,
+                workspace_id=about["workspace_id"],
                 agent_id=None,
                 kind=kind,
                 state=states.QUEUED,
                 decision={"action": "allow", "reasons": [f"owner notification for {about['id']}"]},
                 replied_message_id=None,
                 rfc_message_id=rfc_id,
+                subject=subject,
                 mail_from=mail_from,
                 recipients=recipients,
                 raw_sha256=sha,
@@ -845,10 +866,7 @@ class OutboundService:
             ValidationFailed: a bad limit, state or cursor.
         """
         principal.require(MESSAGES_READ)
-        if not 1 <= limit <= 100:
-            raise ValidationFailed(
-                "limit must be 1..100", errors=[{"field": "limit", "message": "1..100"}]
-            )
+        check_limit(limit)
         if state is not None and state not in states.STATES:
             raise ValidationFailed(
                 f"unknown state {state!r}",
@@ -864,14 +882,12 @@ class OutboundService:
         if state is not None:
             query = query.where(outbound.c.state == state)
         if cursor:
-            query = query.where(outbound.c.seq < _decode_seq_cursor(cursor))
+            query = query.where(outbound.c.seq < decode_seq_cursor(cursor))
         with self.db.read() as conn:
             rows = conn.execute(query.order_by(outbound.c.seq.desc()).limit(limit + 1)).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        items = [_summary(r) for r in rows]
-        next_cursor = _encode_cursor("seq", str(rows[-1].seq)) if more else None
-        return Page(tuple(items), next_cursor)
+        page, last = page_rows(rows, limit)
+        next_cursor = encode_seq_cursor(last.seq) if last is not None else None
+        return Page(tuple(_summary(r) for r in page), next_cursor)
 
     def get(self, principal: Principal, outbound_id: str) -> dict[str, Any]:
         """One request with its decision, approval and delivery attempts.
@@ -1192,6 +1208,7 @@ def _withdraw_copy(conn: Connection, message_id: str) -> None:
 
 def _message_row(parsed: ParsedMessage, built: _Built) -> dict[str, Any]:
     return {
+        **message_columns(parsed),
         "dedup_key": hashlib.sha256(
             f"{built.rfc_message_id}\x00{built.sha256}".encode()
         ).hexdigest(),
@@ -1199,20 +1216,6 @@ def _message_row(parsed: ParsedMessage, built: _Built) -> dict[str, Any]:
         "message_id_generated": False,
         "raw_sha256": built.sha256,
         "raw_size": len(built.raw),
-        "subject": parsed.subject,
-        "from_addr": [a.as_dict() for a in parsed.from_],
-        "from_address": parsed.from_[0].address.lower()[:320] if parsed.from_ else None,
-        "to_addrs": [a.as_dict() for a in parsed.to],
-        "cc_addrs": [a.as_dict() for a in parsed.cc],
-        "reply_to": [a.as_dict() for a in parsed.reply_to],
-        "sent_date": parsed.date,
-        "in_reply_to": parsed.in_reply_to,
-        "references": list(parsed.references),
-        "text_body": parsed.text,
-        "html_body": parsed.html,
-        "preview": parsed.preview[:300],
-        "defects": list(parsed.defects),
-        "labels": [],
     }
 
 

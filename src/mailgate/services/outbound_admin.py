@@ -31,7 +31,7 @@ from mailgate.errors import Conflict, NotFound, ValidationFailed
 from mailgate.ids import new_id
 from mailgate.services import audit
 from mailgate.services.mailbox import Actor, Operator
-from mailgate.services.rules_admin import _contact_value
+from mailgate.services.rules_admin import contact_value
 from mailgate.store.db import Database
 from mailgate.store.schema import agents, recipient_lists, workspaces
 
@@ -372,8 +372,8 @@ def _list_value(value: Any) -> tuple[str, str]:
     text = value.strip() if isinstance(value, str) else ""
     try:
         if "@" in text.removeprefix("@"):
-            return _contact_value(text, None)
-        return _contact_value(None, text)
+            return contact_value(text, None)
+        return contact_value(None, text)
     except ValidationFailed as exc:
         raise ValidationFailed(
             exc.detail,

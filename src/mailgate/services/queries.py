@@ -197,7 +197,7 @@ class QueryService:
         """
         principal.require(MESSAGES_READ)
         filters = filters or MessageFilter()
-        _check_limit(limit)
+        check_limit(limit)
         query = (
             select(*SUMMARY_COLUMNS)
             .where(visible_messages(principal))
@@ -205,7 +205,7 @@ class QueryService:
             .limit(limit + 1)
         )
         if cursor is not None:
-            query = query.where(messages.c.seq < _decode_seq_cursor(cursor))
+            query = query.where(messages.c.seq < decode_seq_cursor(cursor))
         if filters.agent_id is not None:
             query = query.where(messages.c.agent_id == filters.agent_id)
         if filters.folder is not None:
@@ -220,8 +220,8 @@ class QueryService:
             query = query.where(_from_matches(filters.from_address))
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        rows, last = _page(rows, limit)
-        next_cursor = _encode_cursor("m", str(last.seq)) if last is not None else None
+        rows, last = page_rows(rows, limit)
+        next_cursor = encode_seq_cursor(last.seq) if last is not None else None
         return Page(tuple(summary_of(row, principal) for row in rows), next_cursor)
 
     def list_held(
@@ -376,7 +376,7 @@ class QueryService:
             ValidationFailed: ``limit`` out of range or a malformed ``cursor``.
         """
         principal.require(MESSAGES_READ)
-        _check_limit(limit)
+        check_limit(limit)
         query = (
             select(*_thread_columns(principal))
             .where(_visible_threads(principal))
@@ -386,7 +386,7 @@ class QueryService:
         if agent_id is not None:
             query = query.where(threads.c.agent_id == agent_id)
         if cursor is not None:
-            at, last_id = _decode_thread_cursor(cursor)
+            at, last_id = decode_time_cursor(cursor)
             query = query.where(
                 or_(
                     threads.c.last_message_at < at,
@@ -395,10 +395,10 @@ class QueryService:
             )
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        rows, last = _page(rows, limit)
+        rows, last = page_rows(rows, limit)
         next_cursor = None
         if last is not None:
-            next_cursor = _encode_cursor("t", f"{last.last_message_at.isoformat()}|{last.id}")
+            next_cursor = encode_cursor("t", f"{last.last_message_at.isoformat()}|{last.id}")
         return Page(tuple(_thread(row) for row in rows), next_cursor)
 
     def get_thread(self, principal: Principal, thread_id: str) -> ThreadDetail:
@@ -532,7 +532,7 @@ def _thread_columns(principal: Principal) -> tuple[Any, ...]:
     return (*(c for c in threads.c if c.name != "message_count"), visible_count)
 
 
-def _page(rows: Sequence[_Row], limit: int) -> tuple[Sequence[_Row], _Row | None]:
+def page_rows(rows: Sequence[_Row], limit: int) -> tuple[Sequence[_Row], _Row | None]:
     """A page from ``limit + 1`` fetched rows, and the row a next cursor continues
     after (None on the last page)."""
     page = rows[:limit]
@@ -549,7 +549,7 @@ def _as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _check_limit(limit: int) -> None:
+def check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_LIMIT:
         raise ValidationFailed(
             f"limit must be between 1 and {MAX_LIMIT}",
@@ -557,7 +557,7 @@ def _check_limit(limit: int) -> None:
         )
 
 
-def _encode_cursor(kind: str, value: str) -> str:
+def encode_cursor(kind: str, value: str) -> str:
     return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
 
 
@@ -577,15 +577,27 @@ def _decode_cursor(kind: str, cursor: str) -> str:
     return value
 
 
-def _decode_seq_cursor(cursor: str) -> int:
+def encode_seq_cursor(seq: int) -> str:
+    """The cursor after ``seq`` in a listing ordered by ``seq`` (read back with
+    :func:`decode_seq_cursor`)."""
+    return encode_cursor("m", str(seq))
+
+
+def decode_seq_cursor(cursor: str) -> int:
     value = _decode_cursor("m", cursor)
     if not value.isdigit() or len(value) > 19:
         raise _bad_cursor()
     return int(value)
 
 
-def _decode_thread_cursor(cursor: str) -> tuple[datetime, str]:
-    at_text, sep, last_id = _decode_cursor("t", cursor).partition("|")
+def decode_time_cursor(cursor: str, kind: str = "t") -> tuple[datetime, str]:
+    """``(time, id)`` of a cursor made as ``encode_cursor(kind, f"{iso time}|{id}")``:
+    for listings ordered by a time and then an id.
+
+    Raises:
+        ValidationFailed: not a cursor this listing handed out.
+    """
+    at_text, sep, last_id = _decode_cursor(kind, cursor).partition("|")
     try:
         at = datetime.fromisoformat(at_text)
     except ValueError:

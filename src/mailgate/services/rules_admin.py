@@ -482,7 +482,7 @@ class RulesService:
             Conflict: the owner already has this contact.
             NotFound: no such agent in the workspace.
         """
-        kind, value = _contact_value(address, domain)
+        kind, value = contact_value(address, domain)
         _check_contact_fields(name, auto_approve)
         now = self.clock.now()
         contact_id = new_id("con")
@@ -799,7 +799,7 @@ def _error(field: str, message: str) -> dict[str, str]:
 # -- contact helpers ------------------------------------------------------------------
 
 
-def _contact_value(address: str | None, domain: str | None) -> tuple[ContactKind, str]:
+def contact_value(address: str | None, domain: str | None) -> tuple[ContactKind, str]:
     """``(kind, normalised value)``.
 
     Raises:

@@ -407,6 +407,7 @@ outbound = Table(
     Column("thread_id", String(40)),
     Column("replied_message_id", String(40)),  # the message a reply/forward answers
     Column("rfc_message_id", Text, nullable=False),  # stable across retries
+    Column("subject", Text, nullable=False, server_default=text("''")),
     Column("mail_from", String(320), nullable=False),
     Column("recipients", JSON, nullable=False),  # every envelope recipient (to+cc+bcc)
     Column("raw_sha256", String(64), nullable=False),

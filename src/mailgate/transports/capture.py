@@ -24,10 +24,10 @@ from mailgate.ids import new_id
 from mailgate.services.queries import (
     DEFAULT_LIMIT,
     Page,
-    _check_limit,
-    _decode_seq_cursor,
-    _encode_cursor,
-    _page,
+    check_limit,
+    decode_seq_cursor,
+    encode_seq_cursor,
+    page_rows,
 )
 from mailgate.store.blobs import BlobStore
 from mailgate.store.db import Database
@@ -119,7 +119,7 @@ class CapturedService:
             ValidationFailed: ``limit`` out of range or a malformed ``cursor``.
         """
         principal.require(MESSAGES_READ)
-        _check_limit(limit)
+        check_limit(limit)
         query = (
             select(captured)
             .where(_visible(principal))
@@ -129,11 +129,11 @@ class CapturedService:
         if agent_id is not None:
             query = query.where(captured.c.agent_id == agent_id)
         if cursor is not None:
-            query = query.where(captured.c.seq < _decode_seq_cursor(cursor))
+            query = query.where(captured.c.seq < decode_seq_cursor(cursor))
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        page, last = _page(rows, limit)
-        next_cursor = _encode_cursor("m", str(last.seq)) if last is not None else None
+        page, last = page_rows(rows, limit)
+        next_cursor = encode_seq_cursor(last.seq) if last is not None else None
         return Page(tuple(_captured(row) for row in page), next_cursor)
 
     def get(self, principal: Principal, captured_id: str) -> CapturedMessage:

@@ -129,6 +129,7 @@ def upgrade() -> None:
         sa.Column("thread_id", sa.String(length=40), nullable=True),
         sa.Column("replied_message_id", sa.String(length=40), nullable=True),
         sa.Column("rfc_message_id", sa.Text(), nullable=False),
+        sa.Column("subject", sa.Text(), server_default=sa.text("''"), nullable=False),
         sa.Column("mail_from", sa.String(length=320), nullable=False),
         sa.Column("recipients", sa.JSON(), nullable=False),
         sa.Column("raw_sha256", sa.String(length=64), nullable=False),
