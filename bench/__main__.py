@@ -18,12 +18,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from bench import report
 from bench.outbound import OUTBOUND_FULL, OUTBOUND_QUICK, OutboundResult, run_outbound
 from bench.procs import BenchError
+from bench.push import run as run_push
 from bench.rss import RssResult
 from bench.rss import measure as measure_rss
 from bench.rules import RULES_FULL, RULES_QUICK, RulesResult, run_rules
@@ -54,6 +56,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-outbound",
         action="store_true",
         help="skip the outbound section (POST /v1/send accept rate, send→deliver over SMTP)",
+    )
+    parser.add_argument(
+        "--no-push",
+        action="store_true",
+        help="skip push latency (SMTP 250 -> websocket frame / webhook POST)",
     )
     parser.add_argument(
         "--webhook-client",
@@ -108,17 +115,26 @@ async def _main(args: argparse.Namespace, console: Console, workdir: Path) -> in
         outbound: OutboundResult | None = None
         if not args.no_outbound:
             outbound = await run_outbound(outbound_plan, workdir, progress)
+        push: dict[str, Any] | None = None
+        if not args.no_push:
+            progress("measuring push latency (websocket, webhook)")
+            rate, seconds = (10.0, 3.0) if args.quick else (20.0, 10.0)
+            push = await asyncio.to_thread(run_push, rate, seconds)
         rss: RssResult | None = None
         if plan.rss_limit is not None:
             progress("measuring peak RSS")
             rss = await measure_rss(workdir, plan.rss_limit)
     wall = time.perf_counter() - started
     report.render(console, info, result, rss, wall, rules=rules, webhook=webhook, outbound=outbound)
+    if push is not None:
+        _render_push(console, push)
     out = args.json or RESULTS / ("quick.json" if args.quick else "latest.json")
-    report.write_json(
-        out,
-        report.to_json(info, result, rss, wall, rules=rules, webhook=webhook, outbound=outbound),
+    document = report.to_json(
+        info, result, rss, wall, rules=rules, webhook=webhook, outbound=outbound
     )
+    if push is not None:
+        document["push"] = push
+    report.write_json(out, document)
     console.print(f"results written to {out}")
     _, ok = report.verdict(result)
     missed = (
@@ -128,6 +144,26 @@ async def _main(args: argparse.Namespace, console: Console, workdir: Path) -> in
         or (outbound is not None and outbound.passed() is False)
     )
     return 1 if args.strict and missed else 0
+
+
+def _render_push(console: Console, push: dict[str, Any]) -> None:
+    """Push latency next to its same-run baseline, the SMTP round trip to ``250``."""
+    base = push["smtp_250"]
+    console.print(
+        f"\n[bold]Push latency[/bold] ({push['messages']} messages at {push['rate']:.0f}/s; "
+        f"baseline SMTP DATA→250 p50 {base['p50_ms']:.1f} ms, p99 {base['p99_ms']:.1f} ms)"
+    )
+    for surface in ("websocket", "webhook"):
+        cell = push[surface]
+        if cell["p50_ms"] is None:
+            console.print(f"  {surface}: nothing received")
+            continue
+        p50, p99 = cell["p50_ms"], cell["p99_ms"]
+        console.print(
+            f"  250→{surface}: p50 {p50:.1f} ms ({p50 / base['p50_ms']:.2f}x), "
+            f"p99 {p99:.1f} ms ({p99 / base['p99_ms']:.2f}x), "
+            f"{cell['received']}/{push['messages']} received"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mailgate.commands import captured, common, domain, feedback, lists, mailbox, outbox, policy
+from mailgate.commands import (
+    captured,
+    common,
+    domain,
+    feedback,
+    lists,
+    mailbox,
+    mcp,
+    outbox,
+    policy,
+)
 from mailgate.commands.common import JsonFlag, emit, err, fail, show_secret
 from mailgate.config import Settings
 from mailgate.errors import MailgateError
@@ -42,6 +52,7 @@ app.add_typer(outbox.app, name="outbox", help="Held outbound mail: list, approve
 app.add_typer(lists.app, name="lists")
 agent_app.command("tier")(lists.agent_tier)
 app.command("worker")(outbox.worker)
+app.command("mcp")(mcp.serve_mcp)
 app.add_typer(captured.app, name="captured", help="What the capture transport kept.")
 app.add_typer(domain.app, name="domain", help="Sending domains and their DKIM keys.")
 app.add_typer(feedback.app, name="suppressions", help="Addresses the workspace will not send to.")

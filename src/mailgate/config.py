@@ -305,6 +305,54 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often an idle delivery worker looks for work."
     )
 
+    # -- agent surfaces (/v0, push, extraction) -----------------------------------------
+    public_url: str = Field(
+        "",
+        description="Base URL clients reach the HTTP API at, for links the gateway hands "
+        "out (attachment downloads). Empty: http://<http_listen>.",
+    )
+    url_signing_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key for time-limited download links. Empty: a random key kept "
+        "in <data_dir>/url-signing.key (set one shared value when running several nodes).",
+    )
+    download_url_ttl_seconds: float = Field(
+        3600.0, gt=0, description="How long an attachment download link stays valid."
+    )
+    extract_max_chars: int = Field(
+        20_000,
+        gt=0,
+        description="Most characters of extracted text (message or attachment) one "
+        "response carries; longer text is cut and flagged `truncated`.",
+    )
+    extract_max_attachment_bytes: int = Field(
+        10 * 1024 * 1024,
+        gt=0,
+        description="Attachments larger than this are described by type only, not read.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long one push webhook POST may take."
+    )
+    webhook_retry_base_seconds: float = Field(
+        5.0, gt=0, description="First push retry delay; doubles per attempt, with jitter."
+    )
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0, description="Longest push retry delay.")
+    webhook_allow_private_targets: bool = Field(
+        False,
+        description="Allow webhook URLs on loopback/private addresses (tests, single-host "
+        "setups). Off by default so a webhook cannot probe the gateway's own network.",
+    )
+    websocket_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often a websocket looks for events written by other processes.",
+    )
+    v0_max_attachment_bytes: int = Field(
+        25 * 1024 * 1024,
+        gt=0,
+        description="Largest attachment a /v0 send or draft may upload (413 above).",
+    )
+
     @field_validator("http_listen", "smtp_listen")
     @classmethod
     def _listen_is_host_port(cls, value: str) -> str:
@@ -316,6 +364,11 @@ class Settings(BaseSettings):
         if (self.smtp_tls_cert is None) != (self.smtp_tls_key is None):
             raise ValueError("smtp_tls_cert and smtp_tls_key must be given together")
         return self
+
+    @property
+    def effective_public_url(self) -> str:
+        """The base URL for links handed to clients, without a trailing slash."""
+        return (self.public_url or f"http://{self.http_listen}").rstrip("/")
 
     @property
     def effective_database_url(self) -> str:

@@ -220,3 +220,12 @@ class ServiceUnavailable(MailgateError):
     status = 503
     retryable = True
     title = "Service unavailable"
+
+
+class NotSupported(MailgateError):
+    """A known operation of a compatible API (AgentMail's /v0) that this gateway does
+    not offer; the detail names the operation so a client's log says what to avoid."""
+
+    code = "not_implemented"
+    status = 501
+    title = "Not implemented"

@@ -18,10 +18,14 @@ from mailgate.config import Settings, parse_listen
 from mailgate.domain.delivery import RetryPolicy
 from mailgate.domain.mime import ParseLimits
 from mailgate.ids import new_id
+from mailgate.services.agentmail import AgentMailViews
+from mailgate.services.agentmail_lists import AgentMailLists
 from mailgate.services.delivery import DeliveryService
 from mailgate.services.domains import DomainService
+from mailgate.services.drafts import DraftService
 from mailgate.services.feed import FeedNotifier, FeedService
 from mailgate.services.feedback import FeedbackService
+from mailgate.services.inboxes import InboxService
 from mailgate.services.ingest import IngestService
 from mailgate.services.mailbox import MailboxService
 from mailgate.services.outbound import OutboundService
@@ -29,8 +33,10 @@ from mailgate.services.outbound_admin import OutboundAdmin
 from mailgate.services.policy import PolicyCache
 from mailgate.services.queries import QueryService
 from mailgate.services.rules_admin import RulesService
+from mailgate.services.search import SearchService
 from mailgate.services.sender_auth import DnsPythonResolver, SenderAuthenticator
 from mailgate.services.tenancy import TenancyService
+from mailgate.services.webhooks import WebhookService
 from mailgate.store.blobs import BlobStore, LocalBlobStore, TieredBlobStore
 from mailgate.store.committer import (
     Committer,
@@ -67,6 +73,13 @@ class Runtime:
     domains: DomainService
     captured: CapturedService
     outbound_admin: OutboundAdmin
+    # The AgentMail face (/v0), push and MCP: built from the services above, after them.
+    agentmail: AgentMailViews = field(init=False)
+    inboxes: InboxService = field(init=False)
+    agentmail_lists: AgentMailLists = field(init=False)
+    drafts: DraftService = field(init=False)
+    webhooks: WebhookService = field(init=False)
+    search: SearchService = field(init=False)
     _closers: list[object] = field(default_factory=list)
 
     @classmethod
@@ -145,6 +158,14 @@ class Runtime:
             outbound_admin=OutboundAdmin(db, clock),
             **_outbound_parts(settings, db, blob_store, clock, policies),
         )
+        runtime.agentmail = AgentMailViews(db, blob_store, settings, clock=clock)
+        runtime.inboxes = InboxService(
+            db, runtime.tenancy, settings, clock, policies=runtime.policies
+        )
+        runtime.agentmail_lists = AgentMailLists(db, runtime.rules, runtime.outbound_admin)
+        runtime.drafts = DraftService(db, blob_store, clock, settings, runtime.outbound)
+        runtime.webhooks = WebhookService(db, clock, settings)
+        runtime.search = SearchService(db)
         runtime.delivery.resolve_local = runtime.tenancy.resolve_recipient
         runtime.delivery.deliver_local = runtime.ingest.ingest
         runtime.outbound.on_signer(runtime._dkim_signer)

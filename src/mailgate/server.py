@@ -1,8 +1,8 @@
 """``mailgate serve``: HTTP, SMTP and background work in one process, on one event loop.
 
 Background work: the retention job (expired trash, expired webhook receipts) every
-``retention_interval_seconds``, and the delivery worker (outbound mail, owner
-notifications, expiry of held requests).
+``retention_interval_seconds``, the delivery worker (outbound mail, owner
+notifications, expiry of held requests) and the push worker (/v0 webhooks).
 
 Shutdown order on SIGTERM/SIGINT: stop accepting SMTP connections and let in-flight
 DATA transactions finish (they are the ones a sender is waiting on), let uvicorn finish
@@ -28,6 +28,7 @@ from mailgate.errors import ServiceUnavailable
 from mailgate.ingress.smtp import SmtpIngress
 from mailgate.runtime import Runtime
 from mailgate.workers.delivery import run_delivery
+from mailgate.workers.push import run_push
 from mailgate.workers.retention import run_retention
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ async def serve(
     http: tuple[str, int],
     smtp: tuple[str, int],
     on_ready: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully.
+    """Run until SIGTERM/SIGINT (or until ``stop`` is set, for an embedding program
+    that owns the signals, such as :mod:`mailgate.testing.gateway`), then shut down
+    gracefully.
 
     Raises:
         ServiceUnavailable: the SMTP address cannot be bound.
@@ -83,10 +87,12 @@ async def serve(
         raise ServiceUnavailable(f"cannot listen for SMTP on {smtp[0]}:{smtp[1]}: {exc}") from None
     await runtime.attach_loop()
 
-    stop = asyncio.Event()
+    own_signals = stop is None
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if own_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
 
     web_task = asyncio.create_task(web.serve(), name="http")
     retention = asyncio.create_task(
@@ -94,6 +100,7 @@ async def serve(
         name="retention",
     )
     delivery = asyncio.create_task(run_delivery(runtime, stop=stop), name="delivery")
+    push = asyncio.create_task(run_push(runtime, stop=stop), name="push")
 
     async def _announce() -> None:
         await web.listening.wait()
@@ -124,8 +131,10 @@ async def serve(
         stop.set()  # the HTTP side may have ended first; retention stops either way
         await retention
         await delivery
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        await push
+        if own_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         await runtime.detach_loop()
         await asyncio.to_thread(runtime.close)
         log.info("mailgate stopped")

@@ -32,14 +32,20 @@ async def api_client(
         yield client
 
 
+def all_routes(app: FastAPI) -> list[Any]:
+    """The app's routes, flattened (newer FastAPI keeps included routers nested in
+    ``app.routes``; its ``iter_route_contexts`` flattens them)."""
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(flatten(app.routes)) if flatten is not None else list(app.routes)
+
+
 def route_table(app: FastAPI) -> set[tuple[str, str]]:
     """Every ``(method, path)`` the app serves.
 
     Newer FastAPI keeps included routers nested in ``app.routes``; its
     ``iter_route_contexts`` flattens them (older versions flatten on include).
     """
-    flatten = getattr(fastapi.routing, "iter_route_contexts", None)
-    routes: list[Any] = list(flatten(app.routes)) if flatten is not None else list(app.routes)
+    routes = all_routes(app)
     table = {
         (method, str(route.path))
         for route in routes

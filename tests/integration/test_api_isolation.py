@@ -142,6 +142,9 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("GET", "/v1/messages/{message_id}/attachments/{attachment_id}"): Probe(
         intruder=not_found, control=ok
     ),
+    ("GET", "/v1/messages/{message_id}/attachments/{attachment_id}/text"): Probe(
+        intruder=not_found, control=ok
+    ),
     ("GET", "/v1/threads"): Probe(
         intruder=empty("threads"),
         control=non_empty("threads"),

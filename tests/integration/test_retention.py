@@ -17,8 +17,10 @@ from sqlalchemy import ColumnElement, Table, func, select, text, update
 
 from mailgate.clock import FakeClock
 from mailgate.config import Settings
+from mailgate.domain.compose import AttachmentIn
 from mailgate.errors import NotFound
 from mailgate.runtime import Runtime
+from mailgate.services.drafts import DraftFields, DraftService
 from mailgate.services.mailbox import Operator, PurgeResult
 from mailgate.store.blobs import LocalBlobStore, MemoryBlobStore
 from mailgate.store.schema import (
@@ -280,6 +282,31 @@ def test_a_small_blob_another_message_uses_stays(
     assert (result.messages, result.blob_rows) == (1, 0)
     owner = rt.tenancy.authenticate(other.owner_key)
     assert rt.queries.get_raw(owner, kept.message_id) == raw
+
+
+def test_a_blob_a_draft_attaches_stays_when_mail_with_the_same_bytes_is_purged(
+    rt: Runtime, bot: AgentHandle, clock: FakeClock
+) -> None:
+    data = b"quarterly figures, the same bytes in a message and in a draft"
+    raw = build_message(
+        to=bot.address, attachments=[("figures.txt", "application/octet-stream", data)]
+    )
+    gone = deliver(rt, bot, raw=raw)
+    drafts = DraftService(rt.db, rt.blobs, rt.clock, rt.settings, rt.outbound)
+    agent = rt.tenancy.authenticate(bot.agent_key)
+    drafts.create(
+        agent,
+        bot.agent_id,
+        DraftFields(to=("carol@example.com",), subject="figures"),
+        attachments=[AttachmentIn("figures.txt", "application/octet-stream", data)],
+    )
+    trash(rt, gone.message_id)
+    clock.advance(31 * DAY)
+
+    result = rt.mailbox.purge_trash()
+
+    assert result.messages == 1
+    assert rt.blobs.get(hashlib.sha256(data).hexdigest()) == data
 
 
 def test_a_blob_file_put_again_within_the_grace_period_is_spared(

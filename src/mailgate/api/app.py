@@ -20,13 +20,16 @@ from mailgate.api import (
     outbound,
     outbound_admin,
     policy,
+    v0,
     v1,
 )
+from mailgate.mcp import http as mcp_http
 from mailgate.runtime import Runtime
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    """The app serving the native API (``/v1``) and the health probes."""
+    """The app serving the native API (``/v1``), the AgentMail-compatible face
+    (``/v0`` and its websocket), MCP (``/mcp``) and the health probes."""
     app = FastAPI(
         title="mailgate",
         version=version("mailgate"),
@@ -43,5 +46,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(captured.router)
     app.include_router(feedback.router)
     app.include_router(inbound.router)
+    app.include_router(v0.ws_router)
+    app.include_router(v0.router)
     app.include_router(v1.ops)
+    mcp_http.install(app, runtime)  # /mcp, its session manager in the app's lifespan
     return app

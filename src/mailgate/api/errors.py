@@ -141,35 +141,72 @@ def _malformed_json(exc: RequestValidationError) -> BadRequest | None:
 
 
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn every failure into a problem response."""
+    """Register the handlers that turn every failure into a problem response (or, on
+    the AgentMail face under ``/v0``, into AgentMail's ``{name, message}`` body with
+    our stable ``code`` alongside: see :mod:`mailgate.api.v0.errors`)."""
 
-    async def on_mailgate_error(_request: Request, exc: Exception) -> JSONResponse:
+    def respond(
+        request: Request,
+        status: int,
+        code: str,
+        title: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> JSONResponse:
+        if is_v0(request):
+            from mailgate.api.v0.errors import agentmail_error
+
+            return agentmail_error(status, code, detail, headers=headers, **extra)
+        return problem(status, code, title, detail, headers=headers, **extra)
+
+    def respond_to(request: Request, exc: MailgateError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return respond(
+            request,
+            exc.status,
+            exc.code,
+            exc.title,
+            exc.detail,
+            headers=headers,
+            retryable=exc.retryable or None,
+            **exc.extra,
+        )
+
+    async def on_mailgate_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, MailgateError)
-        return from_error(exc)
+        return respond_to(request, exc)
 
-    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         malformed = _malformed_json(exc)
         if malformed is not None:
-            return from_error(malformed)
+            return respond_to(request, malformed)
         errors = field_errors(exc.errors())
         fields = ", ".join(dict.fromkeys(e["field"] for e in errors))
-        return problem(
-            422, "validation_failed", "Validation failed", f"invalid: {fields}", errors=errors
+        return respond(
+            request,
+            422,
+            "validation_failed",
+            "Validation failed",
+            f"invalid: {fields}",
+            errors=errors,
         )
 
-    async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         detail = exc.detail if isinstance(exc.detail, str) else title
-        return problem(exc.status_code, code, title, detail, headers=exc.headers)
+        return respond(request, exc.status_code, code, title, detail, headers=exc.headers)
 
-    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after this response is sent, so the server logs it too;
         # the reference lets an operator find this one among them.
         reference = new_id("err")
         _log.error("unhandled error %s", reference, exc_info=exc)
-        return problem(
+        return respond(
+            request,
             500,
             "internal_error",
             "Internal error",
@@ -181,3 +218,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def is_v0(request: Request) -> bool:
+    """Whether the request is on the AgentMail-compatible face."""
+    path = request.url.path
+    return path == "/v0" or path.startswith("/v0/")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from mailgate.domain import extract
 from mailgate.services import feed, mailbox, queries
 
 Folder = Literal["inbox", "review", "quarantine", "trash", "outbox", "sent"]
@@ -130,11 +131,57 @@ class MessageOut(MessageSummaryOut):
     auth_results: dict[str, Any] | None = Field(
         description="Sender authentication (SPF, DKIM, DMARC, ARC) as checked on arrival."
     )
+    extracted_text: str | None = Field(
+        None,
+        description="The new text of the message: quoted history and signature removed, "
+        "at most `max_chars` long. Null when the message has no body.",
+    )
+    extracted_html: str | None = Field(
+        None,
+        description="The HTML body without quoted history, sanitised (safe to render), "
+        "at most `max_chars` long. Null when there is no HTML body.",
+    )
+    extracted_truncated: bool = Field(
+        False, description="`extracted_text` or `extracted_html` was cut at `max_chars`."
+    )
 
     @classmethod
-    def of_detail(cls, value: queries.MessageDetail) -> MessageOut:
-        """The detail fields plus the summary's, flattened as the wire has them."""
-        return cls.model_validate({**_fields(value.summary), **_fields(value)})
+    def of_detail(
+        cls,
+        value: queries.MessageDetail,
+        extracted: tuple[extract.Extracted, extract.Extracted] | None = None,
+    ) -> MessageOut:
+        """The detail fields plus the summary's, flattened as the wire has them, and
+        the extracted text and HTML when given."""
+        fields = {**_fields(value.summary), **_fields(value)}
+        if extracted is not None:
+            text, html = extracted
+            fields["extracted_text"] = text.text
+            fields["extracted_html"] = html.text
+            fields["extracted_truncated"] = text.truncated or html.truncated
+        return cls.model_validate(fields)
+
+
+class AttachmentTextOut(_Model):
+    """What an agent can read of one attachment."""
+
+    attachment_id: str
+    content_type: str
+    filename: str | None
+    extracted: bool = Field(
+        description="The file is of a readable type (PDF, DOCX, HTML, text) and was read."
+    )
+    text: str | None = Field(description="At most `max_chars` characters; null if not read.")
+    truncated: bool
+    reason: str | None = Field(
+        description="Why there is no or only partial text: `too_large`, `unsupported_type`, "
+        "`unreadable`, `partly_unreadable`, `encrypted`, `expands_too_large`, "
+        "`page_limit`, `no_text`."
+    )
+
+    @classmethod
+    def of_text(cls, attachment_id: str, value: extract.AttachmentText) -> AttachmentTextOut:
+        return cls.model_validate({"attachment_id": attachment_id, **_fields(value)})
 
 
 class MessageList(_Model):

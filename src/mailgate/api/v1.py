@@ -26,6 +26,7 @@ from mailgate.api.schemas import (
     DEFAULT_CONSUMER,
     AckIn,
     AckOut,
+    AttachmentTextOut,
     DeadLetterList,
     DeadLetterOut,
     EventList,
@@ -45,6 +46,8 @@ from mailgate.api.schemas import (
 )
 from mailgate.domain.keys import EVENTS_ACK, EVENTS_READ, Principal
 from mailgate.errors import ValidationFailed
+from mailgate.runtime import Runtime
+from mailgate.services.extraction import ExtractionService
 from mailgate.services.feed import WORKSPACE_SCOPE
 from mailgate.services.queries import DEFAULT_LIMIT, MAX_LIMIT, MessageFilter
 
@@ -58,6 +61,14 @@ Cursor = Annotated[
 ]
 AgentFilter = Annotated[
     str | None, Query(max_length=40, description="Only this agent's objects (owner keys).")
+]
+MaxChars = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        description="Most characters of extracted text to return; capped at the "
+        "gateway's `extract_max_chars`. Longer text is cut and flagged `truncated`.",
+    ),
 ]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -102,9 +113,15 @@ def list_messages(
 
 
 @router.get("/messages/{message_id}", tags=["messages"])
-def get_message(runtime: RuntimeDep, principal: PrincipalDep, message_id: str) -> MessageOut:
-    """One message with its parsed fields, envelope and attachment list."""
-    return MessageOut.of_detail(runtime.queries.get_message(principal, message_id))
+def get_message(
+    runtime: RuntimeDep, principal: PrincipalDep, message_id: str, max_chars: MaxChars = None
+) -> MessageOut:
+    """One message with its parsed fields, envelope and attachment list, plus what an
+    agent reads: the new text (`extracted_text`) and the quote-free, sanitised HTML."""
+    extraction = _extraction(runtime)
+    budget = extraction.budget(max_chars)  # a bad budget fails before any read
+    detail = runtime.queries.get_message(principal, message_id)
+    return MessageOut.of_detail(detail, extraction.message_extract(detail, max_chars=budget))
 
 
 @router.get(
@@ -142,6 +159,29 @@ def get_attachment(
         "Content-Disposition": content_disposition(found.info.filename),
     }
     return Response(found.data, headers=headers)
+
+
+@router.get("/messages/{message_id}/attachments/{attachment_id}/text", tags=["messages"])
+def get_attachment_text(
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
+    message_id: str,
+    attachment_id: str,
+    max_chars: MaxChars = None,
+) -> AttachmentTextOut:
+    """The text of a PDF, DOCX, HTML or text attachment; other types (and files over
+    the size limit) are described by type only, with a `reason`."""
+    found = _extraction(runtime).attachment_extract(
+        principal, message_id, attachment_id, max_chars=max_chars
+    )
+    return AttachmentTextOut.of_text(attachment_id, found)
+
+
+def _extraction(runtime: Runtime) -> ExtractionService:
+    service = getattr(runtime, "extraction", None)
+    if isinstance(service, ExtractionService):
+        return service
+    return ExtractionService(runtime.queries, runtime.settings)
 
 
 # -- threads ----------------------------------------------------------------------------

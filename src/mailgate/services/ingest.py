@@ -596,6 +596,9 @@ class _Batch:
                 # A rule's trash is restorable to where the mail was headed: the inbox.
                 "previous_folder": "inbox" if folder == "trash" else None,
                 "folder_changed_at": self.now,
+                # New mail is unread until the agent removes the label (AgentMail's
+                # convention, which /v0 clients rely on to find what to work on).
+                "labels": [UNREAD],
                 "decision": decided,
                 "auth_results": dict(envelope.auth.record) if envelope.auth else None,
             }
@@ -771,6 +774,10 @@ def _in_params(pairs: set[tuple[str, str]]) -> dict[str, list[str]]:
     and the few cross-product extras (another agent's key) are dropped in Python.
     """
     return {"agents": sorted({a for a, _ in pairs}), "keys": sorted({k for _, k in pairs})}
+
+
+UNREAD = "unread"
+"""The stored label of inbound mail the agent has not marked read."""
 
 
 def message_columns(

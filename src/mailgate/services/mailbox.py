@@ -61,6 +61,7 @@ from mailgate.store.committer import Committer
 from mailgate.store.db import Database
 from mailgate.store.schema import (
     attachments,
+    drafts,
     messages,
     outbound,
     thread_refs,
@@ -429,6 +430,10 @@ class MailboxService:
                     select(outbound.c.raw_sha256).where(outbound.c.raw_sha256.in_(wanted))
                 ).scalars()
             )
+            # A draft's attachments are blobs named only inside its JSON; drafts are
+            # few and short-lived, so they are read whole rather than indexed.
+            for listed in conn.execute(select(drafts.c.attachments)).scalars():
+                used |= {str(a.get("sha256")) for a in listed or () if a.get("sha256") in shas}
             unused = shas - used
             rows = self.blobs.delete_rows_in(conn, unused)
         return rows, unused

@@ -114,7 +114,14 @@ agents = Table(
     Column("policy_version", Integer, nullable=False, server_default=text("0")),
     # Outbound rollout stage (domain/guards.py TIERS); set from settings.default_tier.
     Column("tier", String(30), nullable=False, server_default=text("'reply_only'")),
+    # The AgentMail face (/v0) calls an agent an inbox: its display name, the caller's
+    # idempotent ``client_id`` and free-form metadata live here (api/v0/).
+    Column("display_name", Text),
+    Column("client_id", String(200)),
+    Column("inbox_metadata", JSON),
+    Column("updated_at", UtcDateTime()),
     UniqueConstraint("workspace_id", "name"),
+    UniqueConstraint("workspace_id", "client_id"),
 )
 
 agent_addresses = Table(
@@ -578,4 +585,60 @@ captured = Table(
     _created(),
     Index(None, "workspace_id", "seq"),
     Index(None, "agent_id", "seq"),
+)
+
+
+# An agent's unsent message (the AgentMail face's drafts). Sending one turns it into an
+# outbound request through the policy gateway; ``outbound_id`` then names that request.
+drafts = Table(
+    "drafts",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    _fk("workspaces.id"),
+    _fk("agents.id"),
+    Column("client_id", String(200)),
+    Column("to_addrs", JSON, nullable=False),  # strings as given: "Name <a@b>" or "a@b"
+    Column("cc_addrs", JSON, nullable=False),
+    Column("bcc_addrs", JSON, nullable=False),
+    Column("reply_to", JSON, nullable=False),
+    Column("subject", Text),
+    Column("text_body", Text),
+    Column("html_body", Text),
+    # [{"filename", "content_type", "content_id", "disposition", "sha256", "size"}];
+    # the bytes are blobs, like a message's attachments.
+    Column("attachments", JSON, nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("in_reply_to", String(40)),  # our message id the draft answers
+    Column("forward_of", String(40)),  # our message id the draft forwards
+    Column("send_status", String(20)),  # NULL | sending | failed
+    Column("outbound_id", String(40)),
+    _created(),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    UniqueConstraint("agent_id", "client_id"),
+    Index(None, "agent_id", "seq"),
+    Index(None, "workspace_id", "seq"),
+)
+
+# Push subscriptions (Standard Webhooks / Svix signatures). Each is also a consumer of
+# the durable feed named ``webhook:<id>``, so a push is leased, retried with backoff,
+# acked on 2xx and dead-lettered like any pull: at least once, de-duplicable by event id.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    _id(),
+    _fk("workspaces.id"),
+    _fk("agents.id", nullable=True),  # set for an agent's (inbox) webhook
+    Column("url", Text, nullable=False),
+    Column("event_types", JSON),  # None: every type
+    Column("inbox_ids", JSON),  # agent ids to filter on; None: every agent in scope
+    # The signing key ("whsec_" + base64). Kept readable because we sign with it; it
+    # authenticates us to the receiver, not a caller to us, so it is not an API secret.
+    Column("secret", String(100), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("client_id", String(200)),
+    _created(),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    UniqueConstraint("workspace_id", "client_id"),
+    Index(None, "enabled"),
 )
