@@ -77,6 +77,7 @@ def serve(
     migrate: Annotated[bool, typer.Option(help="Upgrade the database first.")] = False,
 ) -> None:
     """Run the gateway: HTTP API, SMTP ingress and background workers in one process."""
+    from mailgate.server import Listening
     from mailgate.server import serve as run_server
 
     try:
@@ -99,10 +100,11 @@ def serve(
         runtime.close()
         fail(exc, False)
 
-    def ready() -> None:
+    def ready(bound: Listening) -> None:
         err.print(
-            f"[green]mailgate[/green] HTTP http://{settings.http_listen}  "
-            f"SMTP smtp://{settings.smtp_listen}  database {settings.masked()['database_url']}"
+            f"[green]mailgate[/green] HTTP http://{bound.http[0]}:{bound.http[1]}  "
+            f"SMTP smtp://{bound.smtp[0]}:{bound.smtp[1]}  "
+            f"database {settings.masked()['database_url']}"
         )
 
     try:

@@ -20,6 +20,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 
 import uvicorn
 
@@ -52,20 +53,33 @@ class _EmbeddedUvicorn(uvicorn.Server):
             self.listening.set()
 
 
+@dataclass(frozen=True)
+class Listening:
+    """The addresses actually bound. They differ from the configured ones when a port
+    is 0: the kernel picks a free one at bind time, which is the only race-free way for
+    tests to run several gateways side by side."""
+
+    http: tuple[str, int]
+    smtp: tuple[str, int]
+
+
 async def serve(
     runtime: Runtime,
     *,
     http: tuple[str, int],
     smtp: tuple[str, int],
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[Listening], None] | None = None,
     stop: asyncio.Event | None = None,
+    http_socket: socket.socket | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or until ``stop`` is set, for an embedding program
     that owns the signals, such as :mod:`mailgate.testing.gateway`), then shut down
-    gracefully.
+    gracefully. ``on_ready`` is called once both listeners are bound. ``http_socket``,
+    when given, is an already bound socket to serve HTTP on instead of binding ``http``
+    (its owner knows the port before the gateway starts, and can put it in links).
 
     Raises:
-        ServiceUnavailable: the SMTP address cannot be bound.
+        ServiceUnavailable: the SMTP or HTTP address cannot be bound.
     """
     settings = runtime.settings
     grace = settings.shutdown_grace_seconds
@@ -94,7 +108,13 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-    web_task = asyncio.create_task(web.serve(), name="http")
+    async def _serve_http() -> None:
+        try:
+            await web.serve(sockets=None if http_socket is None else [http_socket])
+        except SystemExit:  # uvicorn exits when it cannot bind; a task must not
+            raise ServiceUnavailable(f"cannot listen for HTTP on {http[0]}:{http[1]}") from None
+
+    web_task = asyncio.create_task(_serve_http(), name="http")
     retention = asyncio.create_task(
         run_retention(runtime, interval=settings.retention_interval_seconds, stop=stop),
         name="retention",
@@ -105,29 +125,31 @@ async def serve(
     async def _announce() -> None:
         await web.listening.wait()
         if web.started:
-            log.info(
-                "mailgate ready: http://%s:%d smtp://%s:%d",
-                http[0],
-                http[1],
-                smtp[0],
-                ingress.port,
-            )
+            bound = Listening(http=_http_address(web, http), smtp=(smtp[0], ingress.port))
+            log.info("mailgate ready: http://%s:%d smtp://%s:%d", *bound.http, *bound.smtp)
             if on_ready is not None:
-                on_ready()
+                on_ready(bound)
 
-    announce = asyncio.create_task(_announce())
-    stop_task = asyncio.create_task(stop.wait())
+    announce = asyncio.create_task(_announce(), name="announce")
+    stop_task = asyncio.create_task(stop.wait(), name="stop")
+    http_failure: ServiceUnavailable | None = None
     try:
         await asyncio.wait({web_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         log.info("mailgate shutting down")
-        announce.cancel()
-        stop_task.cancel()
+        for helper in (announce, stop_task):
+            helper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await helper
         await ingress.stop(grace)
         runtime.notifier.close()  # open long-polls answer now, so HTTP can drain
         web.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await web_task
+        except asyncio.CancelledError:
+            pass
+        except ServiceUnavailable as exc:  # raised once the rest has shut down
+            http_failure = exc
         stop.set()  # the HTTP side may have ended first; retention stops either way
         await retention
         await delivery
@@ -138,3 +160,14 @@ async def serve(
         await runtime.detach_loop()
         await asyncio.to_thread(runtime.close)
         log.info("mailgate stopped")
+    if http_failure is not None:
+        raise http_failure
+
+
+def _http_address(web: uvicorn.Server, configured: tuple[str, int]) -> tuple[str, int]:
+    """The address uvicorn bound (its port differs from ``configured`` when that was 0)."""
+    for server in web.servers:
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            return str(host), int(port)
+    return configured

@@ -4,6 +4,7 @@ then `mailgate demo` in another process, then SIGTERM for a clean stop."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,24 +19,23 @@ import pytest
 MAILGATE = Path(sys.executable).with_name("mailgate")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+READY = re.compile(rb"HTTP http://([0-9.]+:[0-9]+)\s+SMTP smtp://([0-9.]+:[0-9]+)")
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> tuple[str, str]:
+    """The HTTP and SMTP addresses from serve's ready line (it binds port 0, so only it
+    knows them), after checking /readyz answers."""
+    assert proc.stdout is not None
+    seen = b""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited early with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling a child process that has no readiness pipe
-    raise AssertionError("gateway did not become ready")
+    while (found := READY.search(seen)) is None:
+        line = proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            raise AssertionError(f"serve did not become ready: {seen.decode(errors='replace')}")
+        seen += line
+    http, smtp = found.group(1).decode(), found.group(2).decode()
+    assert httpx.get(f"http://{http}/readyz", timeout=5).status_code == 200
+    return http, smtp
 
 
 @pytest.fixture
@@ -44,11 +44,19 @@ def gateway_env(tmp_path: Path, database_url: str) -> Iterator[dict[str, str]]:
     env.update(
         MAILGATE_DATA_DIR=str(tmp_path),
         MAILGATE_DATABASE_URL=database_url,
-        MAILGATE_HTTP_LISTEN=f"127.0.0.1:{_free_port()}",
-        MAILGATE_SMTP_LISTEN=f"127.0.0.1:{_free_port()}",
+        MAILGATE_HTTP_LISTEN="127.0.0.1:0",
+        MAILGATE_SMTP_LISTEN="127.0.0.1:0",
         MAILGATE_SHUTDOWN_GRACE_SECONDS="5",
+        COLUMNS="400",  # one ready line, however long the database path
     )
     yield env
+
+
+def _taken_port() -> socket.socket:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    return taken
 
 
 def test_serve_then_demo_shows_mail_received_pulled_and_acked(gateway_env: dict[str, str]) -> None:
@@ -59,10 +67,10 @@ def test_serve_then_demo_shows_mail_received_pulled_and_acked(gateway_env: dict[
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_ready(f"http://{gateway_env['MAILGATE_HTTP_LISTEN']}/readyz", proc)
+        http, smtp = _wait_ready(proc)
         demo = subprocess.run(
             [str(MAILGATE), "demo", "--timeout", "10"],
-            env=gateway_env,
+            env=dict(gateway_env, MAILGATE_HTTP_LISTEN=http, MAILGATE_SMTP_LISTEN=smtp),
             capture_output=True,
             text=True,
             timeout=60,
@@ -89,20 +97,19 @@ def test_serve_refuses_an_unmigrated_database_with_a_clear_message(tmp_path: Pat
     assert "mailgate migrate" in result.stderr
 
 
-def test_serve_reports_a_taken_smtp_port_as_a_clear_error(
-    gateway_env: dict[str, str],
+@pytest.mark.parametrize("listener", ["SMTP", "HTTP"])
+def test_serve_reports_a_taken_port_as_a_clear_error(
+    gateway_env: dict[str, str], listener: str
 ) -> None:
-    host, port = gateway_env["MAILGATE_SMTP_LISTEN"].split(":")
-    with socket.socket() as taken:
-        taken.bind((host, int(port)))
-        taken.listen()
+    with _taken_port() as taken:
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
         result = subprocess.run(
             [str(MAILGATE), "serve", "--migrate"],
-            env=gateway_env,
+            env=dict(gateway_env, **{f"MAILGATE_{listener}_LISTEN": address}),
             capture_output=True,
             text=True,
             timeout=60,
         )
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert "unavailable" in result.stderr
-    assert f"{host}:{port}" in result.stderr
+    assert f"cannot listen for {listener} on {address}" in result.stderr

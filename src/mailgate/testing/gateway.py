@@ -17,16 +17,9 @@ from dataclasses import dataclass
 
 from mailgate.config import Settings
 from mailgate.runtime import Runtime
-from mailgate.server import serve
+from mailgate.server import Listening, serve
 
-__all__ = ["RunningGateway", "free_port", "running_gateway"]
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["RunningGateway", "running_gateway"]
 
 
 @dataclass(frozen=True)
@@ -40,20 +33,30 @@ class RunningGateway:
 
 @contextmanager
 def running_gateway(settings: Settings, *, timeout: float = 30.0) -> Iterator[RunningGateway]:
-    """Start ``serve`` over ``settings`` (its listen addresses are replaced by free
-    loopback ports) and stop it gracefully on exit. The database must be migrated."""
-    http_port, smtp_port = free_port(), free_port()
+    """Start ``serve`` over ``settings`` on loopback ports the kernel picks, and stop it
+    gracefully on exit. The database must be migrated.
+
+    The HTTP socket is bound here, before the runtime is built, so its port is known to
+    the settings (signed links carry it); SMTP binds port 0 and reports what it got.
+    Nothing is probed and released first, so two gateways can never race for a port.
+    """
+    http_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    http_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    http_sock.bind(("127.0.0.1", 0))
+    http_port = int(http_sock.getsockname()[1])
     settings = settings.model_copy(
-        update={
-            "http_listen": f"127.0.0.1:{http_port}",
-            "smtp_listen": f"127.0.0.1:{smtp_port}",
-        }
+        update={"http_listen": f"127.0.0.1:{http_port}", "smtp_listen": "127.0.0.1:0"}
     )
     runtime = Runtime.build(settings)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
+    bound: list[Listening] = []
     stop: asyncio.Event | None = None
     failure: list[BaseException] = []
+
+    def on_ready(listening: Listening) -> None:
+        bound.append(listening)
+        ready.set()
 
     async def main() -> None:
         nonlocal stop
@@ -61,9 +64,10 @@ def running_gateway(settings: Settings, *, timeout: float = 30.0) -> Iterator[Ru
         await serve(
             runtime,
             http=("127.0.0.1", http_port),
-            smtp=("127.0.0.1", smtp_port),
-            on_ready=ready.set,
+            smtp=("127.0.0.1", 0),
+            on_ready=on_ready,
             stop=stop,
+            http_socket=http_sock,
         )
 
     def run() -> None:
@@ -74,11 +78,13 @@ def running_gateway(settings: Settings, *, timeout: float = 30.0) -> Iterator[Ru
         finally:
             ready.set()
             loop.close()
+            http_sock.close()
 
     thread = threading.Thread(target=run, name="mailgate-gateway", daemon=True)
     thread.start()
-    if not ready.wait(timeout) or failure:
+    if not ready.wait(timeout) or failure or not bound:
         raise RuntimeError(f"gateway did not start: {failure[:1]}")
+    smtp_port = bound[0].smtp[1]
     try:
         yield RunningGateway(
             runtime=runtime,
