@@ -18,7 +18,6 @@ import typer
 from mailgate.commands import common
 from mailgate.commands.common import fail
 from mailgate.errors import MailgateError
-from mailgate.mcp.server import agent_principal, build_mcp_server, key_resolver
 from mailgate.runtime import Runtime
 from mailgate.store import migrate as migrations
 
@@ -36,6 +35,10 @@ ApiKey = Annotated[
 def serve_mcp(api_key: ApiKey = None) -> None:
     """Serve an agent's tools (threads, messages, search, reply, send, events) over
     MCP on stdin/stdout."""
+    # Imported here: the MCP SDK costs ~0.7 s to import, which every other command
+    # would pay at start-up for nothing.
+    from mailgate.mcp.server import agent_principal, build_mcp_server, key_resolver
+
     try:
         settings = common.settings()
     except MailgateError as exc:

@@ -9,6 +9,8 @@ operation named; anything else under ``/v0`` is AgentMail's ``404``.
 
 from __future__ import annotations
 
+from typing import Final
+
 from fastapi import APIRouter, Request
 
 from mailgate.api.v0 import (
@@ -38,11 +40,7 @@ UNSUPPORTED_SUFFIXES = ("/search", "/batch-get", "/batch-update", "/agent-armor/
                         "/agent-armor/release", "/headers", "/polling")  # fmt: skip
 
 router = APIRouter(prefix="/v0")
-for module in (inboxes, messages, sending, threads, drafts, webhooks, lists):
-    router.include_router(module.router)
-
-ws_router = websocket.router
-"""The websocket at ``/v0`` itself (mounted by the app next to :data:`router`)."""
+"""Only the catch-all below; it must come after every other ``/v0`` route."""
 
 
 @router.api_route(
@@ -61,3 +59,18 @@ async def unknown_route(request: Request, rest: str) -> None:
     if any(("/" + rest).endswith(suffix) for suffix in UNSUPPORTED_SUFFIXES):
         raise NotSupported(f"{operation} is not supported by this gateway")
     raise NotFound(f"no route {operation}")
+
+
+ROUTERS: Final = (
+    websocket.router,  # the websocket at /v0 itself
+    inboxes.router,
+    messages.router,
+    sending.router,
+    threads.router,
+    drafts.router,
+    webhooks.router,
+    lists.router,
+    router,
+)
+"""Every ``/v0`` router, in matching order. Each carries the ``/v0`` prefix itself
+(see :func:`mailgate.api.app.create_app` for why nothing is nested)."""

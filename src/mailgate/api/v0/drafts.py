@@ -33,7 +33,7 @@ from mailgate.errors import NotSupported
 from mailgate.runtime import Runtime
 from mailgate.services.drafts import DraftFields, DraftService, preview
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 
 def _addresses(value: Any) -> Any:

@@ -26,7 +26,7 @@ from mailgate.api.v0.common import (
 from mailgate.runtime import Runtime
 from mailgate.services.inboxes import Inbox, InboxService
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 _Value = StrictStr | StrictBool | StrictInt | StrictFloat
 

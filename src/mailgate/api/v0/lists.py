@@ -29,7 +29,7 @@ from mailgate.domain.keys import Principal
 from mailgate.runtime import Runtime
 from mailgate.services.agentmail_lists import AgentMailLists, ListEntry
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 DirectionPath = Annotated[str, Path(description="`send`, `receive` or `reply`.")]
 TypePath = Annotated[str, Path(description="`allow` or `block`.")]

@@ -31,7 +31,7 @@ from mailgate.api.v0.common import (
 from mailgate.domain.extract import attachment_text
 from mailgate.services.agentmail import MessageQuery
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 _UNSAFE_FILENAME = re.compile(r'[\x00-\x1f\x7f"\\/;:*?<>|]+')
 

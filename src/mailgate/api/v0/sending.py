@@ -54,7 +54,7 @@ from mailgate.runtime import Runtime
 from mailgate.services.outbound import Submitted
 from mailgate.store.schema import messages
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 M = TypeVar("M", bound=BaseModel)
 

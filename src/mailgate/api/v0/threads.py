@@ -24,7 +24,7 @@ from mailgate.domain.keys import Principal
 from mailgate.runtime import Runtime
 from mailgate.services.agentmail import ThreadQuery
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 THREAD_PAGE_LIMIT = 100
 """Messages on a thread's first page when the caller names no ``limit``."""

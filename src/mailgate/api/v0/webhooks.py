@@ -32,7 +32,7 @@ from mailgate.domain.keys import Principal
 from mailgate.runtime import Runtime
 from mailgate.services.webhooks import WebhookRecord, WebhookService, refuse_unsupported
 
-router = APIRouter()
+router = APIRouter(prefix="/v0")
 
 _EXCLUDE_NONE: dict[str, Any] = {"response_model_exclude_none": True}
 WebhookIdPath = Annotated[str, Path(description="The webhook's id (`whk_...`).")]
