@@ -8,7 +8,7 @@ import json
 import queue
 import smtplib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,11 +22,12 @@ from svix.webhooks import Webhook as SvixWebhook
 
 from mailgate.config import Settings
 from mailgate.runtime import Runtime
+from mailgate.services.webhooks import PushEngine, PushOutcome, httpx_post
 from mailgate.store.schema import consumers, deliveries, webhooks
 from mailgate.testing import build_message
 from mailgate.testing.gateway import RunningGateway, running_gateway
 from tests.conftest import AgentHandle, make_agent
-from tests.integration.api_support import api_client, auth
+from tests.integration.api_support import api_client, auth, deliver
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -74,6 +75,46 @@ async def test_an_owner_creates_lists_gets_updates_and_deletes_a_webhook(
         assert (await client.get(path, headers=owner)).status_code == 404
     with runtime.db.read() as conn:  # its consumer went with it
         assert conn.execute(select(consumers.c.name)).scalars().all() == []
+
+
+async def test_no_key_can_lease_or_settle_a_webhooks_consumer_but_owners_see_its_dead_letters(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    async with api_client(runtime) as client:
+        owner = auth(agent.owner_key)
+        hook = (await client.post("/v0/webhooks", json=HOOK, headers=owner)).json()
+        name = f"webhook.{hook['webhook_id']}"
+        deliver(runtime, agent, subject="for the receiver only")
+        pulled = await client.get("/v1/events", params={"consumer": name}, headers=owner)
+        settles = [
+            await client.post(f"/v1/events/{verb}", json=body, headers=owner)
+            for verb, body in [
+                ("ack", {"consumer": name, "event_ids": ["evt_x"]}),
+                ("nack", {"consumer": name, "event_ids": ["evt_x"]}),
+                ("extend", {"consumer": name, "event_ids": ["evt_x"], "lease_seconds": 30}),
+            ]
+        ]
+        dead = await client.get("/v1/events/dead", params={"consumer": name}, headers=owner)
+
+    for response in [pulled, *settles]:
+        assert response.status_code == 422, response.text
+        assert response.json()["code"] == "validation_failed"
+        assert "webhook" in response.text
+    assert dead.status_code == 200, dead.text
+    with runtime.db.read() as conn:  # nothing was leased away from the receiver
+        assert conn.execute(select(deliveries.c.event_id)).all() == []
+    # The webhook's own pusher still gets the event, and acks it.
+    posted: list[str] = []
+
+    async def post(url: str, body: bytes, headers: dict[str, str], _to: str | None) -> int:
+        posted.append(json.loads(body)["message"]["subject"])
+        return 200
+
+    no_dns = runtime.settings.model_copy(update={"webhook_allow_private_targets": True})
+    engine = PushEngine(runtime.db, runtime.feed, no_dns, runtime.clock, runtime.agentmail, post)
+    [record] = runtime.webhooks.enabled()
+    outcome = await engine.drain(record)
+    assert posted == ["for the receiver only"] and outcome.acked == 1
 
 
 async def test_the_same_client_id_returns_the_first_webhook(
@@ -157,6 +198,78 @@ async def test_an_inbox_webhook_is_fixed_to_its_inbox(runtime: Runtime, agent: A
         moved = await client.patch(path, json={"add_inbox_ids": [agent.address]}, headers=owner)
         assert moved.status_code == 400 and moved.json()["code"] == "validation_failed"
         assert (await client.delete(path, headers=owner)).status_code == 204
+
+
+# -- targets: checked, then pinned ------------------------------------------------------
+
+
+class Recorder:
+    """The engine's ``post`` port, recording where each POST would connect."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | None]] = []
+
+    async def __call__(self, url: str, body: bytes, headers: dict[str, str], to: str | None) -> int:
+        self.calls.append((url, to))
+        return 200
+
+
+def resolver(*answers: list[str]) -> Callable[[str, int], Awaitable[list[str]]]:
+    """A resolver giving each answer in turn (the last one from then on)."""
+    queue_ = list(answers)
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert host == "hooks.example.com" and port == 443
+        return queue_.pop(0) if len(queue_) > 1 else queue_[0]
+
+    return resolve
+
+
+async def drain_with(
+    runtime: Runtime, agent: AgentHandle, post: Recorder, resolve: Any
+) -> PushOutcome:
+    """Create a workspace webhook to ``HOOK``, deliver one message, drain it once."""
+    async with api_client(runtime) as client:
+        made = await client.post("/v0/webhooks", json=HOOK, headers=auth(agent.owner_key))
+        assert made.status_code == 200, made.text
+    deliver(runtime, agent, subject="pinned")
+    engine = PushEngine(
+        runtime.db, runtime.feed, runtime.settings, runtime.clock, runtime.agentmail, post,
+        resolve=resolve,
+    )  # fmt: skip
+    [record] = runtime.webhooks.enabled()
+    return await engine.drain(record)
+
+
+async def test_a_post_connects_to_the_address_that_was_checked(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    # A rebinding name: public when checked, loopback a moment later.
+    post = Recorder()
+    outcome = await drain_with(runtime, agent, post, resolver(["93.184.216.34"], ["127.0.0.1"]))
+    assert post.calls == [(HOOK["url"], "93.184.216.34")] and outcome.acked == 1
+
+
+async def test_a_name_with_any_non_public_address_is_not_posted_to(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    post = Recorder()
+    outcome = await drain_with(runtime, agent, post, resolver(["93.184.216.34", "10.1.2.3"]))
+    assert post.calls == [] and outcome.failed == 1 and outcome.acked == 0
+
+
+async def test_the_http_post_connects_to_the_pinned_address_and_names_the_host() -> None:
+    with Receiver() as receiver:
+        port = receiver.server.server_address[1]
+        async with httpx.AsyncClient(trust_env=False) as client:
+            status = await httpx_post(client)(
+                f"http://hooks.test:{port}/hook", b"{}", {"webhook-id": "evt_1"}, "127.0.0.1"
+            )
+        delivery = receiver.deliveries.get(timeout=WAIT)
+    headers = {name.lower(): value for name, value in delivery.headers.items()}
+    assert status == 200
+    assert headers["host"] == f"hooks.test:{port}"
+    assert headers["webhook-id"] == "evt_1"
 
 
 # -- pushes from a running gateway -------------------------------------------------------

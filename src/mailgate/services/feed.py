@@ -110,6 +110,11 @@ MAX_IDS_PER_CALL = 1000
 PENDING, ACKED, DEAD = "pending", "acked", "dead"
 
 _CONSUMER_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+SYSTEM_PREFIX = "webhook."
+"""Consumer names the gateway's own pushers use (``webhook.<id>``). Clients may not
+lease, ack, nack or extend them: an owner pulling a webhook's consumer would take its
+events away from the receiver. Listing and redriving their dead letters is allowed."""
 _SCOPE_MAX = 40  # consumers.scope is String(40)
 
 
@@ -326,6 +331,7 @@ class FeedService:
         *,
         limit: int,
         lease_seconds: float,
+        system: bool = False,
     ) -> list[LeasedEvent]:
         """Lease up to ``limit`` deliverable events, oldest first, for ``lease_seconds``.
 
@@ -341,7 +347,9 @@ class FeedService:
         Raises:
             ValidationFailed: bad consumer name, scope, limit or lease_seconds.
         """
-        self._check(scope=scope, consumer=consumer, limit=limit, lease_seconds=lease_seconds)
+        self._check(
+            scope=scope, consumer=consumer, limit=limit, lease_seconds=lease_seconds, system=system
+        )
         now = self._clock.now()
         expires = now + timedelta(seconds=lease_seconds)
         with self._db.write() as conn:
@@ -402,7 +410,13 @@ class FeedService:
     # -- settling -----------------------------------------------------------------------
 
     def ack(
-        self, workspace_id: str, scope: str, consumer: str, event_ids: Sequence[str]
+        self,
+        workspace_id: str,
+        scope: str,
+        consumer: str,
+        event_ids: Sequence[str],
+        *,
+        system: bool = False,
     ) -> AckResult:
         """Mark events done for this consumer; they are never delivered to it again.
 
@@ -412,7 +426,7 @@ class FeedService:
         Raises:
             ValidationFailed: bad consumer name or scope, or too many ids.
         """
-        ids = self._check_ids(scope, consumer, event_ids)
+        ids = self._check_ids(scope, consumer, event_ids, system=system)
         now = self._clock.now()
         with self._db.write() as conn:
             consumer_id = self._find_consumer(conn, workspace_id, scope, consumer)
@@ -442,6 +456,7 @@ class FeedService:
         event_ids: Sequence[str],
         *,
         delay_seconds: float = 0,
+        system: bool = False,
     ) -> NackResult:
         """Give events back: they become deliverable again after ``delay_seconds``.
 
@@ -452,8 +467,8 @@ class FeedService:
         Raises:
             ValidationFailed: bad consumer name, scope or delay, or too many ids.
         """
-        self._check(scope=scope, consumer=consumer, delay_seconds=delay_seconds)
-        ids = self._check_ids(scope, consumer, event_ids)
+        self._check(scope=scope, consumer=consumer, delay_seconds=delay_seconds, system=system)
+        ids = self._check_ids(scope, consumer, event_ids, system=system)
         now = self._clock.now()
         visible_at = now + timedelta(seconds=delay_seconds)
         with self._db.write() as conn:
@@ -531,7 +546,7 @@ class FeedService:
         Raises:
             ValidationFailed: bad consumer name or scope, or too many ids.
         """
-        ids = self._check_ids(scope, consumer, event_ids)
+        ids = self._check_ids(scope, consumer, event_ids, system=True)
         now = self._clock.now()
         with self._db.write() as conn:
             consumer_id = self._find_consumer(conn, workspace_id, scope, consumer)
@@ -981,8 +996,12 @@ class FeedService:
         lease_seconds: float | None = None,
         wait_seconds: float | None = None,
         delay_seconds: float | None = None,
+        system: bool = False,
     ) -> None:
-        """Raises:
+        """``system``: the caller is the gateway itself, so :data:`SYSTEM_PREFIX` names
+        are allowed.
+
+        Raises:
         ValidationFailed: listing every bad field at once.
         """
         s = self._settings
@@ -991,6 +1010,10 @@ class FeedService:
             errors.append({"field": "scope", "message": f"must be 1-{_SCOPE_MAX} characters"})
         if not _CONSUMER_NAME.fullmatch(consumer):
             errors.append(_consumer_error())
+        elif consumer.startswith(SYSTEM_PREFIX) and not system:
+            errors.append(
+                {"field": "consumer", "message": f"names starting {SYSTEM_PREFIX!r} are webhooks'"}
+            )
         if limit is not None and not _in_range(limit, 1, s.feed_max_limit):
             errors.append(_range_error("limit", 1, s.feed_max_limit))
         if lease_seconds is not None and not _in_range(lease_seconds, 1, s.feed_max_lease_seconds):
@@ -1001,7 +1024,9 @@ class FeedService:
             errors.append(_range_error("delay_seconds", 0, s.feed_max_lease_seconds))
         _raise_if(errors)
 
-    def _check_ids(self, scope: str, consumer: str, event_ids: Sequence[str]) -> list[str]:
+    def _check_ids(
+        self, scope: str, consumer: str, event_ids: Sequence[str], *, system: bool = False
+    ) -> list[str]:
         """The ids, de-duplicated in order.
 
         Raises:
@@ -1012,7 +1037,7 @@ class FeedService:
                 "invalid request",
                 errors=[{"field": "event_ids", "message": "must be a list of event ids"}],
             )
-        self._check(scope=scope, consumer=consumer)
+        self._check(scope=scope, consumer=consumer, system=system)
         ids = list(dict.fromkeys(event_ids))
         if len(ids) > MAX_IDS_PER_CALL:
             raise ValidationFailed(

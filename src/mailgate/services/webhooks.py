@@ -14,9 +14,11 @@ backoff, and after ``feed_max_deliveries`` leases the feed dead-letters the even
 Targets: ``http``/``https`` only, and unless ``webhook_allow_private_targets``, none
 on loopback, private, link-local or otherwise non-public addresses, checked when the
 webhook is created (literal addresses and ``localhost``) and again before every POST
-(the host resolved through the system resolver), so a webhook cannot be pointed at
-the gateway's own network. Redirects are not followed, for the same reason. The
-resolve-then-connect gap (DNS rebinding) is not closed.
+(the host resolved, every address checked), so a webhook cannot be pointed at the
+gateway's own network. The POST then connects to the address that was checked, with
+the name in ``Host`` and in TLS SNI/certificate checks, so a name that resolves
+differently a moment later (DNS rebinding) cannot redirect it. Redirects are not
+followed, for the same reason.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from mailgate.services.agentmail_events import (
     agentmail_type,
     event_frame,
 )
-from mailgate.services.feed import WORKSPACE_SCOPE, FeedService, LeasedEvent
+from mailgate.services.feed import SYSTEM_PREFIX, WORKSPACE_SCOPE, FeedService, LeasedEvent
 from mailgate.store.db import Database
 from mailgate.store.schema import consumers, events, webhooks
 
@@ -127,8 +129,9 @@ class WebhookPage:
 
 
 def consumer_name(webhook_id: str) -> str:
-    """The feed consumer a webhook pushes from (consumer names allow no ``:``)."""
-    return f"webhook.{webhook_id}"
+    """The feed consumer a webhook pushes from; clients cannot lease or settle it
+    (see :data:`mailgate.services.feed.SYSTEM_PREFIX`)."""
+    return f"{SYSTEM_PREFIX}{webhook_id}"
 
 
 def retry_delay(attempt: int, *, base: float, cap: float, rand: Callable[[], float]) -> float:
@@ -180,18 +183,34 @@ def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-async def resolve_public(host: str, port: int) -> None:
-    """Resolve ``host`` through the system resolver; every address must be public.
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+"""(host, port) -> its addresses; raises OSError when it does not resolve."""
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """``host``'s addresses from the system resolver."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def resolve_public(host: str, port: int, resolve: Resolve = system_resolve) -> str:
+    """The address to connect to for ``host``: every address it resolves to must be
+    public (one private answer means the name is not trusted at all).
 
     Raises:
         OSError: it does not resolve, or resolves to a non-public address.
     """
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    for info in infos:
-        if not _public(ipaddress.ip_address(info[4][0])):
-            raise OSError(f"{host} resolves to a non-public address {info[4][0]}")
-    if not infos:
+    try:
+        return str(ipaddress.ip_address(host))  # a literal, already checked
+    except ValueError:
+        pass
+    addresses = await resolve(host, port)
+    for address in addresses:
+        if not _public(ipaddress.ip_address(address.split("%", 1)[0])):
+            raise OSError(f"{host} resolves to a non-public address {address}")
+    if not addresses:
         raise OSError(f"{host} does not resolve")
+    return addresses[0]
 
 
 # -- CRUD ---------------------------------------------------------------------------------
@@ -535,8 +554,10 @@ class PushOutcome:
     skipped: int = 0
 
 
-Post = Callable[[str, bytes, dict[str, str]], Awaitable[int]]
-"""POST (url, body, headers) -> status code; raises on a network failure."""
+Post = Callable[[str, bytes, dict[str, str], str | None], Awaitable[int]]
+"""POST (url, body, headers, connect_to) -> status code; raises on a network failure.
+``connect_to``, when set, is the address to connect to instead of resolving the URL's
+host again."""
 
 
 class PushEngine:
@@ -556,6 +577,7 @@ class PushEngine:
         post: Post,
         *,
         rand: Callable[[], float] = random.random,
+        resolve: Resolve = system_resolve,
     ) -> None:
         self._db = db
         self._feed = feed
@@ -564,6 +586,7 @@ class PushEngine:
         self._views = views
         self._post = post
         self._rand = rand
+        self._resolve = resolve
         self.service = WebhookService(db, clock, settings)
 
     @property
@@ -584,6 +607,7 @@ class PushEngine:
                 consumer_name(webhook.id),
                 limit=_BATCH,
                 lease_seconds=self.lease_seconds,
+                system=True,
             )
             if not batch:
                 return outcome
@@ -603,7 +627,12 @@ class PushEngine:
         counts = {e.event_id: e.delivery_count for e in batch}
         if done:
             await asyncio.to_thread(
-                self._feed.ack, webhook.workspace_id, webhook.scope, consumer_name(webhook.id), done
+                self._feed.ack,
+                webhook.workspace_id,
+                webhook.scope,
+                consumer_name(webhook.id),
+                done,
+                system=True,
             )
         for event_id, _ in failed:
             delay = retry_delay(
@@ -619,6 +648,7 @@ class PushEngine:
                 consumer_name(webhook.id),
                 [event_id],
                 delay_seconds=min(delay, self._settings.feed_max_lease_seconds),
+                system=True,
             )
         return replace(
             outcome,
@@ -654,12 +684,13 @@ class PushEngine:
             host, port = check_target(
                 webhook.url, allow_private=self._settings.webhook_allow_private_targets
             )
+            connect_to = None
             if not self._settings.webhook_allow_private_targets:
-                await resolve_public(host, port)
+                connect_to = await resolve_public(host, port, self._resolve)
             timestamp = int(self._clock.now().timestamp())
             headers = signature_headers(webhook.secret, event_id, timestamp, body)
             headers["content-type"] = "application/json"
-            status = await self._post(webhook.url, body, headers)
+            status = await self._post(webhook.url, body, headers, connect_to)
         except (OSError, ValidationFailed, httpx.HTTPError) as exc:
             log.warning("webhook %s: %s failed: %s", webhook.id, event_id, exc)
             return False
@@ -669,10 +700,23 @@ class PushEngine:
 
 
 def httpx_post(client: httpx.AsyncClient) -> Post:
-    """The engine's POST over ``client`` (redirects are not followed)."""
+    """The engine's POST over ``client`` (redirects are not followed).
 
-    async def post(url: str, body: bytes, headers: dict[str, str]) -> int:
-        response = await client.post(url, content=body, headers=headers, follow_redirects=False)
+    With ``connect_to``, the connection goes to that address while the request still
+    names the URL's host: in ``Host``, and for https in SNI and the certificate check.
+    """
+
+    async def post(url: str, body: bytes, headers: dict[str, str], connect_to: str | None) -> int:
+        target = httpx.URL(url)
+        extensions: dict[str, str] = {}
+        if connect_to is not None:
+            headers = {**headers, "host": target.netloc.decode("ascii")}
+            if target.scheme == "https":
+                extensions["sni_hostname"] = target.host
+            target = target.copy_with(host=connect_to)
+        response = await client.post(
+            target, content=body, headers=headers, follow_redirects=False, extensions=extensions
+        )
         return response.status_code
 
     return post
