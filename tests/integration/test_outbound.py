@@ -232,6 +232,26 @@ async def test_a_reply_stays_in_the_thread_with_threading_headers(
     assert b"Auto-Submitted: auto-replied" in raw
 
 
+async def test_a_reply_may_add_recipients_only_as_far_as_the_agents_tier_allows(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    inbound_id = await _inbound(runtime, agent, subject="Invoice 43")
+    ask = {"message_id": inbound_id, "text": "Copying billing.", "cc": ["billing@example.net"]}
+    async with api_client(runtime) as client:
+        refused = await reply(client, agent.agent_key, ask)
+        set_tier(runtime, agent.agent_id, "open")
+        sent = await reply(client, agent.agent_key, ask)
+        await drain(runtime)
+
+    assert refused.status_code == 201, refused.text
+    assert refused.json()["status"] == "blocked"  # reply_only: only the correspondents
+    assert "billing@example.net" in " ".join(refused.json()["decision"]["reasons"])
+    assert sent.json()["status"] == "queued", sent.text
+    with runtime.db.read() as conn:
+        [row] = conn.execute(select(captured)).all()
+    assert sorted(row.recipients) == ["alice@example.com", "billing@example.net"]
+
+
 async def test_only_the_agent_owning_the_thread_may_reply(
     runtime: Runtime, agent: AgentHandle
 ) -> None:

@@ -199,7 +199,7 @@ async def test_reply_all_addresses_everyone_on_the_message(
     assert sorted(row.recipients) == ["alice@example.com", "carol@example.com"]
 
 
-async def test_a_reply_that_names_its_own_recipients_is_refused_and_writes_nothing(
+async def test_a_reply_only_agent_naming_a_new_recipient_is_rejected_by_its_tier(
     runtime: Runtime, agent: AgentHandle
 ) -> None:
     stored = deliver(runtime, agent, sender="alice@example.com")
@@ -208,11 +208,42 @@ async def test_a_reply_that_names_its_own_recipients_is_refused_and_writes_nothi
             client,
             agent.agent_key,
             f"{_inbox(agent)}/messages/{stored.message_id}/reply",
-            {"text": "x", "to": "mallory@example.com"},
+            {"text": "x", "cc": "mallory@example.com"},
         )
-    assert r.status_code == 400
-    assert [e["field"] for e in r.json()["errors"]] == ["to"]
-    assert _outbound_rows(runtime) == []
+    assert r.status_code == 403, r.text
+    assert r.json()["name"] == "MessageRejectedError" and r.json()["code"] == "tier"
+    assert "mallory@example.com" in r.json()["message"]
+    assert [row.state for row in _outbound_rows(runtime)] == ["blocked"]
+
+
+async def test_a_reply_goes_to_the_recipients_it_names_when_the_tier_allows(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    set_tier(runtime, agent.agent_id, "open")
+    stored = deliver(runtime, agent, sender="alice@example.com", subject="Invoice")
+    async with api_client(runtime) as client:
+        r = await _post(
+            client,
+            agent.agent_key,
+            f"{_inbox(agent)}/messages/{stored.message_id}/reply",
+            {
+                "text": "Looping in billing.",
+                "to": ["Bob <bob@example.com>"],
+                "cc": "carol@example.com",
+                "bcc": ["dave@example.com"],
+                "reply_to": "desk@example.org",
+            },
+        )
+    assert r.status_code == 200, r.text
+    [row] = _outbound_rows(runtime)
+    assert row.state == "queued" and row.kind == "reply"
+    assert sorted(row.recipients) == ["bob@example.com", "carol@example.com", "dave@example.com"]
+    copy = _copy(runtime, row.message_id)
+    head = runtime.blobs.get(copy.raw_sha256).split(b"\r\n\r\n", 1)[0]
+    assert b"To: Bob <bob@example.com>" in head and b"Cc: carol@example.com" in head
+    assert b"Reply-To: desk@example.org" in head and b"Bcc" not in head
+    assert b"Subject: Re: Invoice" in head
+    assert copy.thread_id == _copy(runtime, stored.message_id).thread_id
 
 
 async def test_a_forward_attaches_the_message_for_new_recipients(

@@ -669,6 +669,34 @@ def test_reply_all_leaves_out_addresses_of_the_original_that_would_not_validate(
     ]
 
 
+def test_a_reply_naming_its_recipients_goes_to_them_and_keeps_the_threading() -> None:
+    c = replied(
+        to=("Bob <bob@example.com>",),
+        cc=("carol@example.com",),
+        reply_to=("desk@example.org",),
+    )
+    assert [m.address for m in c.to] == ["bob@example.com"]  # not alice: replaced
+    assert [m.address for m in c.cc] == ["carol@example.com"]
+    assert [m.address for m in c.reply_to] == ["desk@example.org"]
+    assert c.in_reply_to == "orig-3@mail.example.com"
+    assert c.subject == "Re: Question about invoice"
+
+
+def test_reply_all_with_named_recipients_still_copies_everyone_else_on_it_once() -> None:
+    c = replied(reply_all=True, to=("dave@example.com",))
+    assert [m.address for m in c.to] == ["dave@example.com"]
+    # dave is To now, so not copied; the agent's own addresses never are.
+    assert [m.address for m in c.cc] == ["ERIN@example.com", "Alice@example.com"]
+
+
+def test_a_named_reply_recipient_is_checked_like_a_drafts() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        replied(to=("not an address",))
+    assert fields(caught.value) == ["to[0]"]
+    with pytest.raises(HeaderInjection):
+        replied(reply_to=("x@example.com\r\nBcc: mallory@example.com",))
+
+
 def test_replying_to_a_message_the_agent_sent_goes_to_its_recipients() -> None:
     sent = replace(
         ORIGINAL,

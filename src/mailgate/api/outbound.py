@@ -78,8 +78,19 @@ class ReplyBody(BaseModel):
     text: str | None = None
     html: str | None = None
     reply_all: bool = False
+    to: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Replaces the derived recipients. Anyone not on the message answered "
+        "is judged by the agent's tier like new mail.",
+    )
+    cc: list[str] = Field(default_factory=list, max_length=100)
+    bcc: list[str] = Field(default_factory=list, max_length=100)
+    reply_to: list[str] = Field(default_factory=list, max_length=10)
     attachments: list[AttachmentBody] = Field(default_factory=list, max_length=100)
     headers: dict[str, str] = Field(default_factory=dict)
+
+    _lists = field_validator("to", "cc", "bcc", "reply_to", mode="before")(_addresses)
 
 
 class ForwardBody(SendBody):
@@ -169,6 +180,10 @@ def reply(
             reply_all=body.reply_all,
             attachments=_attachments(body.attachments),
             headers=dict(body.headers),
+            to=body.to,
+            cc=body.cc,
+            bcc=body.bcc,
+            reply_to=body.reply_to,
             idempotency_key=idempotency_key,
             payload=body.model_dump(mode="json"),
         )

@@ -806,8 +806,10 @@ def reply(
     reply_all: bool = False,
     attachments: Sequence[AttachmentIn] = (),
     headers: Mapping[str, str] = _EMPTY_HEADERS,
+    to: Sequence[str] = (),
     cc: Sequence[str] = (),
     bcc: Sequence[str] = (),
+    reply_to: Sequence[str] = (),
     max_recipients: int = 100,
 ) -> Composed:
     """A reply to ``original`` from ``sender``.
@@ -817,9 +819,10 @@ def reply(
     to a message the agent sent itself goes to that message's To, as mail clients
     do, so a follow-up in the agent's own thread reaches the other side.
     ``reply_all`` adds the original To and Cc to Cc, without the agent's own
-    addresses and without anyone already addressed (case-insensitive). ``cc`` and
-    ``bcc`` are the agent's additions, checked like `validate`'s entries. Addresses
-    taken from the original that would not pass `validate` are left out.
+    addresses and without anyone already addressed (case-insensitive). ``to``, when
+    given, replaces the derived To; ``cc`` and ``bcc`` are the agent's additions and
+    ``reply_to`` its Reply-To, all checked like `validate`'s entries. Addresses taken
+    from the original that would not pass `validate` are left out.
 
     Subject: ``Re: `` + the original's (control characters turned into spaces)
     unless it already starts with a reply prefix. In-Reply-To is the original's id,
@@ -842,26 +845,29 @@ def reply(
                 out.append(checked)
         return out
 
+    to_entries = to
     targets = original.reply_to or original.from_
-    to = usable(targets)
+    derived_to = usable(targets)
     from_us = bool(targets) and all(_key(m.address) in own for m in targets)
     derived_cc: list[Mailbox] = []
-    if not to and from_us:
-        to = usable(original.to)
+    if not derived_to and from_us:
+        derived_to = usable(original.to)
         if reply_all:
             derived_cc = usable(original.cc)
     elif reply_all:
         derived_cc = usable((*original.to, *original.cc))
 
+    if to_entries:
+        derived_to = []
     references = _clean_ids((*original.references, original.rfc_message_id))
     in_reply_to = _clean_ids((original.rfc_message_id,))
     composed = _compose(
         sender=sender,
-        to_entries=(),
+        to_entries=to_entries,
         cc_entries=cc,
         bcc_entries=bcc,
-        reply_to_entries=(),
-        derived_to=to,
+        reply_to_entries=reply_to,
+        derived_to=derived_to,
         derived_cc=derived_cc,
         subject=_derived_subject("Re:", _REPLY_PREFIX, original.subject),
         text=text,

@@ -138,6 +138,10 @@ class OutboundFacts:
     content: ContentFacts
     thread_has_inbound: bool = False
     """Replies only: the thread being answered holds inbound mail the agent received."""
+    correspondents: frozenset[str] = frozenset()
+    """Replies only: the addresses on the message answered (From, Reply-To, To, Cc),
+    lower-cased. A reply to them stays in the conversation; anyone the agent adds is
+    judged by its tier like new mail."""
     known_contacts: frozenset[str] = frozenset()
     """The recipients that are known contacts (by address or domain)."""
     allowlisted: frozenset[str] = frozenset()
@@ -181,17 +185,30 @@ def _key_scope(f: OutboundFacts) -> StepOutcome:
 
 def _tier(f: OutboundFacts) -> StepOutcome:
     tier = f.tier
-    if f.kind == "reply" and f.thread_has_inbound:
-        return StepOutcome("tier", "pass", f"tier {tier}: a reply in a thread with inbound mail")
+    judged = f.recipients
+    in_thread = f.kind == "reply" and f.thread_has_inbound
+    if in_thread:
+        judged = tuple(r for r in f.recipients if r not in f.correspondents)
+        if not judged:
+            return StepOutcome(
+                "tier",
+                "pass",
+                f"tier {tier}: a reply to its correspondents in a thread with inbound mail",
+            )
     if tier == "open":
         return StepOutcome("tier", "pass", "tier open: any recipient")
     if tier == "reply_only":
-        what = "a reply to a thread without inbound mail" if f.kind == "reply" else "new mail"
+        if in_thread:
+            what = f"a reply adding {', '.join(judged[:5])}"
+        elif f.kind == "reply":
+            what = "a reply to a thread without inbound mail"
+        else:
+            what = "new mail"
         return StepOutcome(
             "tier",
             "block",
-            f"tier reply_only: the agent may only reply in threads with inbound mail, "
-            f"this is {what}",
+            f"tier reply_only: the agent may only reply to its correspondents in threads "
+            f"with inbound mail, this is {what}",
             "tier",
         )
     allowed = set(f.known_contacts)
@@ -199,7 +216,7 @@ def _tier(f: OutboundFacts) -> StepOutcome:
     if tier == "allowlisted_domains":
         allowed |= f.allowlisted
         label = "known contacts or allow-listed"
-    outside = [r for r in f.recipients if r not in allowed]
+    outside = [r for r in judged if r not in allowed]
     if outside:
         return StepOutcome(
             "tier",

@@ -180,10 +180,18 @@ class OutboundService:
         reply_all: bool = False,
         attachments: Sequence[compose.AttachmentIn] = (),
         headers: dict[str, str] | None = None,
+        to: Sequence[str] = (),
+        cc: Sequence[str] = (),
+        bcc: Sequence[str] = (),
+        reply_to: Sequence[str] = (),
         idempotency_key: str | None,
         payload: Any,
     ) -> Submitted:
         """A reply in the thread of ``message_id``; only the agent owning it may reply.
+
+        ``to`` replaces the derived recipients; ``cc``/``bcc`` add to them;
+        ``reply_to`` sets Reply-To. Recipients that were not on the message answered
+        are judged by the agent's tier like new mail (see the ``tier`` guard step).
 
         Raises:
             Forbidden: the key lacks ``messages:reply``.
@@ -203,6 +211,10 @@ class OutboundService:
                 reply_all=reply_all,
                 attachments=tuple(attachments),
                 headers=headers or {},
+                to=to,
+                cc=cc,
+                bcc=bcc,
+                reply_to=reply_to,
             )
             return composed, original.context
 
@@ -516,6 +528,7 @@ class OutboundService:
                 blocked_extensions=frozenset(e.lower() for e in s.outbound_blocked_extensions),
             ),
             thread_has_inbound=context.thread_has_inbound,
+            correspondents=context.correspondents,
             known_contacts=known,
             allowlisted=frozenset(r for r in recipients if listed(allow, r)),
             denied={r: hit for r in recipients if (hit := listed(deny, r)) is not None},
@@ -846,6 +859,10 @@ class OutboundService:
             thread_id=row.thread_id,
             replied_message_id=row.id,
             thread_has_inbound=has_inbound,
+            correspondents=frozenset(
+                m.address.lower()
+                for m in (*original.from_, *original.reply_to, *original.to, *original.cc)
+            ),
             loop=loop,
         )
         return _OriginalInfo(row.agent_id, original, context)
@@ -1145,6 +1162,7 @@ class _Context:
     thread_id: str | None = None
     replied_message_id: str | None = None
     thread_has_inbound: bool = False
+    correspondents: frozenset[str] = frozenset()
     loop: _LoopHeaders | None = None
 
 

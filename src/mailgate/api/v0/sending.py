@@ -279,21 +279,6 @@ def _draft(body: SendMessageRequest, settings: Settings) -> compose.Draft:
     )
 
 
-def _refuse_on_reply(body: BaseModel, fields: Sequence[str]) -> None:
-    """A reply's recipients and Reply-To come from the message it answers; the
-    gateway does not (yet) let a reply override them, and silently ignoring them
-    would send mail somewhere the agent did not ask for."""
-    given = [f for f in fields if getattr(body, f, None)]
-    if given:
-        raise ValidationFailed(
-            f"{', '.join(given)}: not supported on a reply (recipients are derived from "
-            "the message; use reply-all to address everyone)",
-            errors=[
-                {"field": f, "message": "not supported on a reply; use reply-all"} for f in given
-            ],
-        )
-
-
 MessageIdPath = Path(description="The message's Message-ID (with <>), or its msg_ alias.")
 
 
@@ -381,7 +366,6 @@ async def _reply(
     body: _Common,
     reply_all: bool,
 ) -> JSONResponse:
-    _refuse_on_reply(body, ("to", "cc", "bcc", "reply_to"))
     key = idempotency_key(request)
 
     def work() -> Submitted:
@@ -399,6 +383,10 @@ async def _reply(
                 body.attachments, max_bytes=runtime.settings.v0_max_attachment_bytes
             ),
             headers=dict(body.headers or {}),
+            to=getattr(body, "to", None) or (),
+            cc=getattr(body, "cc", None) or (),
+            bcc=getattr(body, "bcc", None) or (),
+            reply_to=body.reply_to or (),
             idempotency_key=key,
             payload={
                 "message": original,
