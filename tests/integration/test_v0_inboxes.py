@@ -273,6 +273,11 @@ async def test_deleting_an_inbox_removes_the_agent_its_mail_keys_and_lists(
     runtime.rules.add_contact(
         agent.workspace_id, agent.agent_id, address="friend@example.com", actor="test"
     )
+    local, domain = agent.address.split("@")
+    tagged = f"{local}+orders@{domain}"
+    for address in (agent.address, tagged):  # SMTP has seen both lately
+        assert runtime.tenancy.resolve_recipient(address) is not None
+        assert runtime.tenancy.cached_recipient(address) is not None
     async with api_client(runtime) as client:
         deleted = await client.delete(f"/v0/inboxes/{agent.address}", headers=auth(agent.owner_key))
         again = await client.get(f"/v0/inboxes/{agent.address}", headers=auth(agent.owner_key))
@@ -287,6 +292,9 @@ async def test_deleting_an_inbox_removes_the_agent_its_mail_keys_and_lists(
         [row] = conn.execute(select(audit_log).where(audit_log.c.action == "agent.deleted")).all()
     assert row.target_id == agent.agent_id and row.detail["addresses"] == [agent.address]
     assert row.actor.startswith("owner:")
+    for address in (agent.address, tagged):  # refused at RCPT at once, not after the TTL
+        assert runtime.tenancy.cached_recipient(address) is None
+        assert runtime.tenancy.resolve_recipient(address) is None
 
 
 async def test_the_agentmail_sdk_creates_lists_updates_and_deletes_inboxes(

@@ -354,6 +354,7 @@ class InboxService:
                 action="agent.deleted", at=now, target_type="agent", target_id=agent_id,
                 name=row.name, addresses=addresses, via="v0",
             )  # fmt: skip
+        self.tenancy.forget_agent(agent_id)
         if self.policies is not None:
             self.policies.invalidate(agent_id=agent_id)
 

@@ -245,6 +245,14 @@ class TenancyService:
             return None
         return hit[0]
 
+    def forget_agent(self, agent_id: str) -> None:
+        """Drop cached answers naming ``agent_id`` (it was deleted), sub-addresses
+        included, so this process refuses its mail at once; other processes stop
+        within ``recipient_cache_seconds``."""
+        for address, (recipient, _expiry) in list(self._recipients.items()):
+            if recipient.agent_id == agent_id:
+                self._recipients.pop(address, None)
+
     def resolve_recipient(self, address: str) -> Recipient | None:
         """The agent an envelope recipient belongs to, or None (refuse it: no relaying).
 

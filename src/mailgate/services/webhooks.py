@@ -8,7 +8,7 @@ AgentMail frame (:mod:`mailgate.services.agentmail_events`), drops what the webh
 does not want (acked at once), and POSTs the rest signed per Standard Webhooks
 (:mod:`mailgate.domain.standard_webhooks`). A 2xx acks; anything else nacks with a
 backoff, and after ``feed_max_deliveries`` leases the feed dead-letters the event
-(visible with ``GET /v1/dead-letters``). Delivery is at least once: the
+(visible with ``GET /v1/events/dead``). Delivery is at least once: the
 ``webhook-id`` header is the event id, which receivers dedupe on.
 
 Targets: ``http``/``https`` only, and unless ``webhook_allow_private_targets``, none
