@@ -442,3 +442,31 @@ def test_search_refuses_an_empty_or_overlong_query(runtime: Runtime, agent: Agen
         with pytest.raises(ValidationFailed) as refused:
             search.search(principal, query)
         assert refused.value.code == "validation_failed"
+
+
+EMBED = """
+import logging, sys
+from mailgate.api.app import create_app
+from mailgate.config import load_settings
+from mailgate.runtime import Runtime
+
+runtime = Runtime.build(load_settings(data_dir=sys.argv[1]))
+create_app(runtime)  # builds the MCP server
+root = logging.getLogger()
+print(len(root.handlers), logging.getLevelName(root.level))
+runtime.close()
+"""
+
+
+def test_building_the_app_leaves_an_embedding_programs_logging_alone(tmp_path: Path) -> None:
+    # The MCP SDK's server calls logging.basicConfig(INFO) when constructed; in a
+    # program that has not configured logging yet that would take the root logger.
+    done = subprocess.run(
+        [sys.executable, "-c", EMBED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "WARNING"]

@@ -26,7 +26,9 @@ work never blocks the event loop (as FastAPI does for ``def`` routes).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Annotated, Any
 
@@ -230,18 +232,39 @@ IdempotencyKey = Annotated[
 ]
 
 
+@contextmanager
+def _root_logging_left_alone() -> Iterator[None]:
+    """Keep ``MCPServer()`` from configuring the root logger.
+
+    It calls ``logging.basicConfig(level=INFO)`` with a Rich handler, which in a
+    process that has not configured logging yet (an embedding program, the benchmark)
+    turns on every library's INFO chatter and makes the program's own later
+    ``basicConfig`` a no-op. A root logger with a handler makes that call do nothing,
+    so one is lent for the duration.
+    """
+    root = logging.getLogger()
+    lent = logging.NullHandler()
+    if not root.handlers:
+        root.addHandler(lent)
+    try:
+        yield
+    finally:
+        root.removeHandler(lent)
+
+
 def build_mcp_server(runtime: Runtime, principal_resolver: PrincipalResolver) -> MCPServer:
     """The MCP server with the agent's tools over ``runtime``'s services.
 
     One server serves any number of sessions: nothing about the caller is kept on it,
     every call resolves its principal through ``principal_resolver``.
     """
-    server: MCPServer = MCPServer(
-        name="mailgate",
-        title="mailgate",
-        version=version("mailgate"),
-        instructions=INSTRUCTIONS,
-    )
+    with _root_logging_left_alone():
+        server: MCPServer = MCPServer(
+            name="mailgate",
+            title="mailgate",
+            version=version("mailgate"),
+            instructions=INSTRUCTIONS,
+        )
     search = runtime.search
     max_chars = runtime.settings.extract_max_chars
 
