@@ -219,10 +219,6 @@ async def test_a_reply_draft_derives_its_recipients_and_is_sent_as_a_reply_all(
                 select(messages.c.rfc_message_id).where(messages.c.id == stored.message_id)
             ).scalar_one()
         assert everyone["in_reply_to"] == public_message_id(rfc, stored.message_id)
-        refused = await client.patch(
-            f"{_drafts(agent)}/{plain['draft_id']}", json={"to": ["x@example.com"]}, headers=headers
-        )
-        assert refused.status_code == 400
         sent = await client.post(
             f"{_drafts(agent)}/{everyone['draft_id']}/send", json={}, headers=headers
         )
@@ -230,6 +226,42 @@ async def test_a_reply_draft_derives_its_recipients_and_is_sent_as_a_reply_all(
     [row] = _outbound_rows(runtime)
     assert row.kind == "reply"
     assert sorted(row.recipients) == ["alice@example.com", "carol@example.com"]
+
+
+async def test_a_reply_draft_sends_to_what_it_shows_after_an_edit_within_the_tier(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    stored = deliver(
+        runtime, agent, sender="alice@example.com", cc="carol@example.com", subject="Plans"
+    )
+    headers = auth(agent.agent_key)
+    async with api_client(runtime) as client:
+        draft = await _create(
+            client,
+            agent,
+            {"in_reply_to": stored.message_id, "text": "ok", "cc": ["carol@example.com"]},
+        )
+        assert draft["to"] == ["alice@example.com"] and draft["cc"] == ["carol@example.com"]
+        path = f"{_drafts(agent)}/{draft['draft_id']}"
+        # A reply_only agent may narrow a reply to a correspondent...
+        narrowed = await client.patch(
+            path, json={"to": ["carol@example.com"], "cc": []}, headers=headers
+        )
+        assert narrowed.status_code == 200, narrowed.text
+        sent = await client.post(f"{path}/send", json={}, headers=headers)
+        assert sent.status_code == 200, sent.text
+        # ...but not widen one to a stranger: its tier blocks the send.
+        other = await _create(
+            client,
+            agent,
+            {"in_reply_to": stored.message_id, "text": "ok", "bcc": ["eve@example.net"]},
+        )
+        blocked = await client.post(
+            f"{_drafts(agent)}/{other['draft_id']}/send", json={}, headers=headers
+        )
+    assert blocked.status_code == 403 and blocked.json()["code"] == "tier", blocked.text
+    queued = [r for r in _outbound_rows(runtime) if r.state != "blocked"]
+    assert [sorted(r.recipients) for r in queued] == [["carol@example.com"]]
 
 
 async def test_a_forward_draft_is_sent_as_a_forward(runtime: Runtime, agent: AgentHandle) -> None:

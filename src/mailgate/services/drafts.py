@@ -1,10 +1,11 @@
 """Drafts: unsent messages an agent keeps, edits and finally sends through the policy
 gateway (AgentMail's drafts, served on ``/v0``).
 
-A draft is plain (its own recipients), a reply (``in_reply_to``: recipients, subject
-and threading come from that message at send time) or a forward (``forward_of``: the
-message travels attached). Its kind is fixed at creation. Attachment bytes are blobs,
-like a message's; the row keeps their metadata.
+A draft is plain (its own recipients), a reply (``in_reply_to``: subject and threading
+come from that message at send time; its recipients are derived from it when the
+draft is made, unless given, and may be edited like any draft's) or a forward
+(``forward_of``: the message travels attached). Its kind is fixed at creation.
+Attachment bytes are blobs, like a message's; the row keeps their metadata.
 
 Sending is the one delicate part. It must never send twice, even when two callers
 send the same draft at once or a caller retries after a timeout, and it must not
@@ -129,8 +130,6 @@ class DraftService:
         principal.require(MESSAGES_SEND)
         if in_reply_to and forward_of:
             raise _invalid("forward_of", "in_reply_to and forward_of are mutually exclusive")
-        if in_reply_to and (fields.to or fields.cc or fields.bcc or fields.reply_to):
-            raise _invalid("to", "a reply draft's recipients come from the message it answers")
         if reply_all and not in_reply_to:
             raise _invalid("reply_all", "only for a reply draft (in_reply_to)")
         _check_headers(fields, labels, attachments)
@@ -141,7 +140,9 @@ class DraftService:
         now = self.clock.now()
         to, cc = fields.to, fields.cc
         if in_reply_to:
-            to, cc = self._reply_recipients(agent_id, in_reply_to, reply_all)
+            derived_to, derived_cc = self._reply_recipients(agent_id, in_reply_to, reply_all)
+            to = fields.to or derived_to
+            cc = tuple(dict.fromkeys((*derived_cc, *fields.cc)))
         metadata, blobs = self._keep(attachments)
         draft_id = new_id("drf")
         try:
@@ -190,8 +191,9 @@ class DraftService:
     def _reply_recipients(
         self, agent_id: str, message_id: str, reply_all: bool
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """A reply draft shows who it will go to, as the reply will compute it; only
-        reply-all fills Cc, which is how :meth:`send` tells the two apart."""
+        """Who a reply draft goes to unless told otherwise, as the reply would compute
+        it (only reply-all fills Cc). The draft keeps the result, so what it shows is
+        what it sends, edits included."""
         with self.db.read() as conn:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).one()
             name = conn.execute(select(agents.c.name).where(agents.c.id == agent_id)).scalar_one()
@@ -381,12 +383,6 @@ class DraftService:
         now = self.clock.now()
         with self.db.write() as conn:
             row = self._visible(conn, principal, draft_id, agent_id)
-            recipients = {"to", "cc", "bcc", "reply_to"} & fields.given
-            if row.in_reply_to and recipients:
-                raise _invalid(
-                    sorted(recipients)[0],
-                    "a reply draft's recipients come from the message it answers",
-                )
             known = {a["attachment_id"] for a in row.attachments}
             unknown = [a for a in remove_attachments if a not in known]
             if unknown:
@@ -481,7 +477,10 @@ class DraftService:
                     row.in_reply_to,
                     text=row.text_body,
                     html=row.html_body,
-                    reply_all=bool(row.cc_addrs),
+                    to=tuple(row.to_addrs),
+                    cc=tuple(row.cc_addrs),
+                    bcc=tuple(row.bcc_addrs),
+                    reply_to=tuple(row.reply_to),
                     attachments=attachments,
                     idempotency_key=key,
                     payload=payload,
