@@ -256,7 +256,7 @@ def test_agent_tier_asks_for_a_workspace_when_a_name_is_ambiguous(
 
 def test_lists_add_list_and_remove(gateway: Runtime, bot: AgentHandle) -> None:
     allow = run_json("lists", "add", "allow", "Partner.Example", "--agent", "bot", "--json")
-    deny = run_json("lists", "add", "deny", "spam@bad.example", "--json")
+    deny = run_json("lists", "add", "deny", "spam@bad.example", "--reason", "phishing", "--json")
     twice = run_json("lists", "add", "deny", "SPAM@bad.example", "--json", exit_code=1)
     bad = run_json("lists", "add", "deny", "not a domain", "--json", exit_code=1)
     listed = run_json("lists", "list", "--json")
@@ -266,10 +266,11 @@ def test_lists_add_list_and_remove(gateway: Runtime, bot: AgentHandle) -> None:
 
     assert (allow["list"], allow["kind"], allow["value"]) == ("allow", "domain", "partner.example")
     assert (allow["agent_id"], allow["scope"]) == (bot.agent_id, "agent")
-    assert (deny["kind"], deny["scope"], deny["workspace_id"]) == (
+    assert (deny["kind"], deny["scope"], deny["workspace_id"], deny["reason"]) == (
         "address",
         "workspace",
         bot.workspace_id,
+        "phishing",
     )
     assert twice["error"]["code"] == "conflict"
     assert bad["error"]["code"] == "validation_failed"

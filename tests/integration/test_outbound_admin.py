@@ -159,8 +159,9 @@ async def test_an_owner_adds_lists_and_removes_entries(
     async with api_client(runtime) as client:
         deny = await add_entry(client, key, list="deny", value=" Spam.Example ")
         allow = await add_entry(
-            client, key, list="allow", value="Bob@Partner.Example", agent_id=agent.agent_id
-        )
+            client, key, list="allow", value="Bob@Partner.Example", agent_id=agent.agent_id,
+            reason=" our partner's buyer ",
+        )  # fmt: skip
         at_domain = await add_entry(client, key, list="allow", value="@partner.example")
         everything = await client.get("/v1/recipient-lists", headers=auth(key))
         allows = await client.get("/v1/recipient-lists?list=allow", headers=auth(key))
@@ -182,6 +183,7 @@ async def test_an_owner_adds_lists_and_removes_entries(
     )
     assert (created["scope"], created["agent_id"]) == ("workspace", None)
     assert allow.json()["kind"] == "address" and allow.json()["value"] == "bob@partner.example"
+    assert allow.json()["reason"] == "our partner's buyer" and created["reason"] is None
     assert (allow.json()["scope"], allow.json()["agent_id"]) == ("agent", agent.agent_id)
     assert (at_domain.json()["kind"], at_domain.json()["value"]) == ("domain", "partner.example")
     # Workspace-wide first (by list, then value), then each agent's.
@@ -209,6 +211,7 @@ async def test_an_owner_adds_lists_and_removes_entries(
         "kind": "address",
         "value": "bob@partner.example",
         "agent_id": agent.agent_id,
+        "reason": "our partner's buyer",
     }
     [gone] = audit_rows(runtime, "recipient_list.removed")
     assert gone.target_id == created["entry_id"] and gone.detail["value"] == "spam.example"
@@ -243,6 +246,8 @@ async def test_a_duplicate_entry_is_409_but_the_other_list_or_scope_is_not(
         ({"list": "block", "value": "example.com"}, "list"),
         ({"list": "deny", "value": 7}, "value"),
         ({"list": "deny"}, "value"),
+        ({"list": "deny", "value": "x.example", "reason": "a\nb"}, "reason"),
+        ({"list": "deny", "value": "x.example", "reason": "r" * 501}, "reason"),
     ],
 )
 async def test_a_malformed_entry_is_422_naming_its_field(

@@ -70,8 +70,7 @@ async def test_an_owner_adds_lists_gets_and_deletes_an_inbox_entry_on_every_list
     assert body["organization_id"] == body["pod_id"] == agent.workspace_id
     assert body["inbox_id"] == agent.address
     assert body["read_only"] is False
-    # Recipient list entries have no place for a reason; contacts and rules keep it.
-    assert body["reason"] == ("noisy" if direction == "receive" else None)
+    assert body["reason"] == "noisy"  # kept on every list, read back as given
     assert domain.json()["entry_type"] == "domain"
     assert repeat.status_code == 200 and repeat.json() == body
     assert listed.json()["count"] == 2
@@ -265,10 +264,11 @@ async def test_the_agentmail_sdk_manages_workspace_and_inbox_lists(
             env = AgentMailEnvironment(http=gw.http_url, websockets=gw.ws_url)
             owner = AgentMail(api_key=agent.owner_key, environment=env, httpx_client=http)
             made = owner.lists.create("send", "block", entry="bad@example.com", reason="x")
-            assert (made.entry, made.entry_type, made.list_type) == (
+            assert (made.entry, made.entry_type, made.list_type, made.reason) == (
                 "bad@example.com",
                 "email",
                 "block",
+                "x",
             )
             assert made.organization_id == agent.workspace_id
             listed = owner.lists.list("send", "block", limit=5)

@@ -73,6 +73,7 @@ class EntryOut(BaseModel):
     )
     kind: Literal["address", "domain"]
     value: str = Field(description="Lower-cased; a domain covers exactly that domain.")
+    reason: str | None = Field(None, description="Why it is listed.")
     created_at: datetime
 
     @classmethod
@@ -85,6 +86,7 @@ class EntryOut(BaseModel):
                 "list": entry.list,
                 "kind": entry.kind,
                 "value": entry.value,
+                "reason": entry.reason,
                 "created_at": entry.created_at,
             }
         )
@@ -104,6 +106,9 @@ class EntryIn(_Request):
         description="An address (`bob@example.com`) or a domain (`example.com`)."
     )
     agent_id: Annotated[str, StringConstraints(min_length=1, max_length=40)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=500)] | None = Field(
+        None, description="Why it is listed; kept on the entry."
+    )
 
 
 AgentQuery = Annotated[
@@ -149,7 +154,7 @@ def add_entry(runtime: RuntimeDep, principal: PrincipalDep, body: EntryIn) -> En
     (no `agent_id`). A deny entry blocks whatever the tier; an allow entry admits
     recipients under tier `allowlisted_domains`."""
     entry = runtime.outbound_admin.add_entry(
-        principal, list=body.list, value=body.value, agent_id=body.agent_id
+        principal, list=body.list, value=body.value, agent_id=body.agent_id, reason=body.reason
     )
     return EntryOut.of(entry)
 

@@ -40,14 +40,16 @@ def lists_add(
     value: Annotated[str, typer.Argument(help="An address or a domain.")],
     agent: AgentOption = None,
     workspace: WorkspaceOption = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why; kept on the entry.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Put an address or a domain on a list, for one agent (--agent) or the workspace."""
     with common.runtime(as_json) as runtime:
         ws_id, agent_id = _target(runtime, workspace, agent)
         entry = runtime.outbound_admin.add_entry(
-            OPERATOR, list=list_name, value=value, agent_id=agent_id, workspace_id=ws_id
-        )
+            OPERATOR, list=list_name, value=value, agent_id=agent_id, workspace_id=ws_id,
+            reason=reason,
+        )  # fmt: skip
         emit(
             as_json,
             _entry_json(entry),
@@ -147,7 +149,8 @@ def _print(found: list[Entry]) -> None:
         return
     for e in found:
         owner = f"agent {e.agent_id}" if e.agent_id else "workspace"
-        typer.echo(f"{e.entry_id}  {e.list:<5}  {e.kind:<7}  {e.value}  ({owner})")
+        why = f"  {e.reason}" if e.reason else ""
+        typer.echo(f"{e.entry_id}  {e.list:<5}  {e.kind:<7}  {e.value}  ({owner}){why}")
 
 
 def _print_tier(info: TierInfo, *, setting: bool) -> None:

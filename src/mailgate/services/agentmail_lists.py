@@ -35,8 +35,8 @@ inbox's lists and the workspace's, and may *add block entries to its own inbox*
 workspace entries need an owner key (``403``), since they widen an agent's reach.
 
 Adding an entry that is already there returns it unchanged (``reason`` included), so
-a retried call is harmless. Recipient list entries have no column for a reason, so
-theirs is not kept (``reason`` is null).
+a retried call is harmless. Recipient list entries keep their reason in their own
+column.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class AgentMailLists:
                 entry=row.value,
                 workspace_id=ws,
                 agent_id=agent_id,
-                reason=(row.name or None) if direction == "receive" else None,
+                reason=(row.name or None) if direction == "receive" else row.reason,
                 direction=direction,
                 list_type=list_type,
                 entry_type="domain" if row.kind == "domain" else "email",
@@ -284,6 +284,7 @@ class AgentMailLists:
                     value=value,
                     agent_id=agent_id,
                     workspace_id=ws,
+                    reason=reason,
                 )
         except Conflict:
             pass  # added by a concurrent call: answer with it

@@ -70,6 +70,8 @@ class Entry:
     value: str
     """Lower-cased address or domain."""
     created_at: datetime
+    reason: str | None = None
+    """Why it is listed, as the owner put it."""
 
     @property
     def scope(self) -> str:
@@ -204,9 +206,10 @@ class OutboundAdmin:
         value: str,
         agent_id: str | None = None,
         workspace_id: str | None = None,
+        reason: str | None = None,
     ) -> Entry:
         """Allow- or deny-list an address or a domain, for one agent or (``agent_id``
-        None) the whole workspace.
+        None) the whole workspace, with an optional ``reason`` kept on the entry.
 
         ``value`` is an address if it holds ``@`` (``@example.com`` reads as the domain)
         and a domain otherwise; a domain covers addresses at exactly that domain, not
@@ -223,6 +226,7 @@ class OutboundAdmin:
         actor, own_workspace = _writer(by)
         _check_list(list)
         kind, normalised = _list_value(value)
+        reason = _check_reason(reason)
         now = self.clock.now()
         entry_id = new_id("rcl")
         try:
@@ -258,6 +262,7 @@ class OutboundAdmin:
                         list=list,
                         kind=kind,
                         value=normalised,
+                        reason=reason,
                         created_at=now,
                     )
                 )
@@ -265,11 +270,12 @@ class OutboundAdmin:
                     conn, workspace_id=ws_id, actor=actor, action="recipient_list.added",
                     at=now, target_type="recipient_list", target_id=entry_id,
                     list=list, kind=kind, value=normalised, agent_id=agent_id,
+                    **({"reason": reason} if reason else {}),
                 )  # fmt: skip
         except IntegrityError:
             # Another writer added the same entry between our check and our insert.
             raise _duplicate(list, normalised, None) from None
-        return Entry(entry_id, ws_id, agent_id, list, kind, normalised, now)
+        return Entry(entry_id, ws_id, agent_id, list, kind, normalised, now, reason)
 
     def remove_entry(self, by: Actor, entry_id: str) -> Entry:
         """Take an entry off its list; returns what was removed.
@@ -396,7 +402,28 @@ def _entry(row: _Row) -> Entry:
         kind=row.kind,
         value=row.value,
         created_at=row.created_at,
+        reason=row.reason,
     )
+
+
+MAX_REASON = 500
+
+
+def _check_reason(reason: str | None) -> str | None:
+    """The reason stripped (None when empty).
+
+    Raises:
+        ValidationFailed: longer than ``MAX_REASON`` or holding control characters.
+    """
+    if reason is None or not reason.strip():
+        return None
+    reason = reason.strip()
+    if len(reason) > MAX_REASON or any(ord(c) < 32 or ord(c) == 127 for c in reason):
+        raise ValidationFailed(
+            "invalid reason",
+            errors=[_error("reason", f"at most {MAX_REASON} characters, no control characters")],
+        )
+    return reason
 
 
 def _error(field: str, message: str) -> dict[str, str]:

@@ -551,6 +551,7 @@ recipient_lists = Table(
     Column("list", String(5), nullable=False),  # allow | deny
     Column("kind", String(10), nullable=False),  # address | domain
     Column("value", String(320), nullable=False),  # lower-cased
+    Column("reason", String(500)),  # why it is listed (AgentMail's list entry reason)
     _created(),
     UniqueConstraint("workspace_id", "scope", "list", "value"),
 )
