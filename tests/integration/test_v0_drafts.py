@@ -312,6 +312,43 @@ async def test_draft_attachments_are_kept_as_blobs_removable_and_sent(
     assert base64.b64encode(b"first file") not in raw
 
 
+async def test_a_draft_attachment_is_downloaded_through_its_signed_link_while_the_draft_lives(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    headers = auth(agent.agent_key)
+    files = [{"filename": "plan.pdf", "content_type": "application/pdf",
+              "content": base64.b64encode(b"%PDF-1.4 plan").decode()}]  # fmt: skip
+    other = make_agent(runtime, "other", workspace="acme")
+    async with api_client(runtime) as client:
+        draft = await _create(client, agent, {**DRAFT, "attachments": files})
+        [listed] = draft["attachments"]
+        path = f"{draft['draft_id']}/attachments/{listed['attachment_id']}"
+        in_inbox = await client.get(f"{_drafts(agent)}/{path}", headers=headers)
+        anywhere = await client.get(f"/v0/drafts/{path}", headers=headers)
+        stranger = await client.get(f"/v0/drafts/{path}", headers=auth(other.agent_key))
+        meta = in_inbox.json()
+        link = httpx.URL(meta["download_url"])
+        local = f"{link.path}?{link.query.decode()}"
+        fetched = await client.get(local)  # no key: the signature is the credential
+        forged = await client.get(local.replace("signature=", "signature=x"))
+        await client.delete(f"{_drafts(agent)}/{draft['draft_id']}", headers=headers)
+        after_delete = await client.get(local)
+
+    assert in_inbox.status_code == 200, in_inbox.text
+    assert anywhere.json()["download_url"].split("?")[0] == meta["download_url"].split("?")[0]
+    assert (meta["filename"], meta["size"], meta["content_type"]) == (
+        "plan.pdf",
+        13,
+        "application/pdf",
+    )
+    assert meta["expires_at"] and link.path.endswith(f"{path}/download")
+    assert stranger.status_code == 404
+    assert fetched.status_code == 200 and fetched.content == b"%PDF-1.4 plan"
+    assert fetched.headers["content-type"] == "application/pdf"
+    assert fetched.headers["x-content-type-options"] == "nosniff"
+    assert forged.status_code == 404 and after_delete.status_code == 404
+
+
 async def test_a_blocked_draft_send_is_a_403_message_rejected_error(
     runtime: Runtime, agent: AgentHandle
 ) -> None:
@@ -442,7 +479,17 @@ async def test_the_agentmail_sdk_drafts_a_message_the_owner_approves_and_it_is_s
 
         stranger = make_agent(runtime, "stranger bot", workspace="other")
         other = stack.enter_context(sdk(gw, stranger.agent_key))
-        mine = client.inboxes.drafts.create(agent.address, to=["bob@example.com"])
+        mine = client.inboxes.drafts.create(
+            agent.address,
+            to=["bob@example.com"],
+            attachments=[{"filename": "n.txt", "content": base64.b64encode(b"notes").decode()}],
+        )
         with pytest.raises(ApiError) as hidden:
             other.drafts.get(mine.draft_id)
         assert hidden.value.status_code == 404
+        [kept] = mine.attachments or []
+        meta = client.inboxes.drafts.get_attachment(
+            agent.address, mine.draft_id, kept.attachment_id
+        )
+        assert (meta.filename, meta.size) == ("n.txt", 5)
+        assert http.get(meta.download_url).content == b"notes"

@@ -270,6 +270,30 @@ class DraftService:
         with self.db.read() as conn:
             return self._visible(conn, principal, draft_id, agent_id)
 
+    def attachment(
+        self, principal: Principal, draft_id: str, attachment_id: str, *, agent_id: str | None
+    ) -> dict[str, Any]:
+        """The metadata of one attachment of a draft the caller may see.
+
+        Raises:
+            NotFound: no such draft visible to the caller, or no such attachment on it.
+        """
+        return _attachment_of(self.get(principal, draft_id, agent_id=agent_id), attachment_id)
+
+    def attachment_bytes(self, draft_id: str, attachment_id: str) -> tuple[dict[str, Any], bytes]:
+        """Metadata and bytes of a draft's attachment, for a signed link (the link is
+        the credential, so no principal). A draft that was sent or deleted has none.
+
+        Raises:
+            NotFound: no such draft or attachment.
+        """
+        with self.db.read() as conn:
+            row = conn.execute(select(drafts).where(drafts.c.id == draft_id)).first()
+        if row is None:
+            raise NotFound(f"no draft {draft_id}")
+        meta = _attachment_of(row, attachment_id)
+        return meta, self.blobs.get(str(meta["sha256"]))
+
     @staticmethod
     def _visible(
         conn: Connection, principal: Principal, draft_id: str, agent_id: str | None
@@ -623,3 +647,13 @@ def _invalid(field: str, message: str) -> ValidationFailed:
 
 
 __all__ = ["DraftFields", "DraftService", "draft_key", "preview"]
+
+
+def _attachment_of(row: Any, attachment_id: str) -> dict[str, Any]:
+    """Raises:
+    NotFound: the draft has no attachment ``attachment_id``.
+    """
+    for meta in row.attachments:
+        if meta["attachment_id"] == attachment_id:
+            return dict(meta)
+    raise NotFound(f"no attachment {attachment_id} on draft {row.id}")

@@ -32,7 +32,7 @@ from mailgate.clock import Clock, SystemClock
 from mailgate.config import Settings
 from mailgate.errors import ConfigError, NotFound
 
-Purpose = Literal["attachment", "attachment-text", "raw"]
+Purpose = Literal["attachment", "attachment-text", "raw", "draft-attachment"]
 
 KEY_FILE: Final = "url-signing.key"
 _KEY_BYTES: Final = 32

@@ -27,10 +27,12 @@ from mailgate.api.v0.common import (
     primary_address,
     public_message_id,
 )
+from mailgate.api.v0.messages import download
 from mailgate.api.v0.sending import SendAttachment, answer, decode_attachments, read_model
 from mailgate.domain.keys import Principal
 from mailgate.errors import NotSupported
 from mailgate.runtime import Runtime
+from mailgate.services.agentmail import iso
 from mailgate.services.drafts import DraftFields, DraftService, preview
 
 router = APIRouter(prefix="/v0")
@@ -348,10 +350,72 @@ def get_any_draft(draft_id: str, principal: PrincipalDep, runtime: RuntimeDep) -
 
 
 @router.get(
-    "/inboxes/{inbox_id}/drafts/{draft_id}/attachments/{attachment_id}", include_in_schema=False
+    "/inboxes/{inbox_id}/drafts/{draft_id}/attachments/{attachment_id}",
+    summary="A draft attachment's metadata and signed download link",
 )
-@router.get("/drafts/{draft_id}/attachments/{attachment_id}", include_in_schema=False)
-def draft_attachment(draft_id: str, attachment_id: str, principal: PrincipalDep) -> None:
-    """AgentMail hands out signed download URLs for draft attachments; this gateway
-    does not (yet), so the operation is named rather than answered 404."""
-    raise NotSupported(f"downloading draft attachments ({attachment_id}) is not supported")
+def inbox_draft_attachment(
+    draft_id: str,
+    attachment_id: str,
+    inbox: InboxDep,
+    principal: PrincipalDep,
+    runtime: RuntimeDep,
+) -> dict[str, Any]:
+    return _attachment_response(runtime, principal, draft_id, attachment_id, inbox.agent_id)
+
+
+@router.get(
+    "/drafts/{draft_id}/attachments/{attachment_id}",
+    summary="A draft attachment's metadata and signed download link",
+)
+def draft_attachment(
+    draft_id: str, attachment_id: str, principal: PrincipalDep, runtime: RuntimeDep
+) -> dict[str, Any]:
+    return _attachment_response(runtime, principal, draft_id, attachment_id, None)
+
+
+@router.get("/drafts/{draft_id}/attachments/{attachment_id}/download", tags=["v0 links"])
+def download_draft_attachment(
+    runtime: RuntimeDep,
+    draft_id: str,
+    attachment_id: str,
+    expires: str = "",
+    signature: str = "",
+) -> Response:
+    """A draft attachment's bytes, for the holder of a link that has not expired (and
+    while the draft exists: a sent or deleted draft has no attachments)."""
+    runtime.agentmail.links.verify(
+        "draft-attachment", _link_object(draft_id, attachment_id), expires, signature
+    )
+    meta, data = _service(runtime).attachment_bytes(draft_id, attachment_id)
+    return download(data, str(meta.get("content_type") or ""), meta.get("filename"), attachment_id)
+
+
+def _link_object(draft_id: str, attachment_id: str) -> str:
+    """What a draft attachment link signs: both ids, so a link names one file."""
+    return f"{draft_id}/{attachment_id}"
+
+
+def _attachment_response(
+    runtime: Runtime,
+    principal: Principal,
+    draft_id: str,
+    attachment_id: str,
+    agent_id: str | None,
+) -> dict[str, Any]:
+    """AgentMail's ``AttachmentResponse`` for a draft's attachment."""
+    meta = _service(runtime).attachment(principal, draft_id, attachment_id, agent_id=agent_id)
+    link = runtime.agentmail.links.sign(
+        "draft-attachment",
+        _link_object(draft_id, attachment_id),
+        f"/v0/drafts/{draft_id}/attachments/{attachment_id}/download",
+    )
+    return {
+        "attachment_id": attachment_id,
+        "filename": meta.get("filename"),
+        "size": meta["size"],
+        "content_type": meta.get("content_type"),
+        "content_disposition": meta.get("disposition"),
+        "content_id": meta.get("content_id"),
+        "download_url": link.url,
+        "expires_at": iso(link.expires_at),
+    }

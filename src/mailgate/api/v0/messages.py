@@ -167,15 +167,7 @@ def download_attachment(
     signer.links.verify("attachment", attachment_id, expires, signature)
     with runtime.db.read() as conn:
         meta, data = signer.attachment_bytes(conn, attachment_id)
-    return Response(
-        data,
-        media_type=_media_type(str(meta["content_type"])),
-        headers={
-            "Content-Disposition": _disposition(meta["filename"], attachment_id),
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "private, no-store",
-        },
-    )
+    return download(data, str(meta["content_type"]), meta["filename"], attachment_id)
 
 
 @router.get("/attachments/{attachment_id}/text", tags=["v0 links"])
@@ -214,11 +206,17 @@ def download_raw(
     signer.links.verify("raw", message_id, expires, signature)
     with runtime.db.read() as conn:
         data = signer.raw_bytes(conn, message_id)
+    return download(data, "message/rfc822", f"{message_id}.eml", message_id)
+
+
+def download(data: bytes, content_type: str, filename: Any, fallback: str) -> Response:
+    """Bytes behind a signed link, as a file to save: the type only when it is a plain
+    ``type/subtype``, never sniffed, never cached by a shared cache."""
     return Response(
         data,
-        media_type="message/rfc822",
+        media_type=_media_type(content_type),
         headers={
-            "Content-Disposition": _disposition(f"{message_id}.eml", message_id),
+            "Content-Disposition": _disposition(filename, fallback),
             "X-Content-Type-Options": "nosniff",
             "Cache-Control": "private, no-store",
         },
