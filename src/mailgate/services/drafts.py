@@ -642,13 +642,6 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise _invalid("page_token", "not a page token this listing handed out") from None
 
 
-def _invalid(field: str, message: str) -> ValidationFailed:
-    return ValidationFailed(f"{field}: {message}", errors=[{"field": field, "message": message}])
-
-
-__all__ = ["DraftFields", "DraftService", "draft_key", "preview"]
-
-
 def _attachment_of(row: Any, attachment_id: str) -> dict[str, Any]:
     """Raises:
     NotFound: the draft has no attachment ``attachment_id``.
@@ -657,3 +650,10 @@ def _attachment_of(row: Any, attachment_id: str) -> dict[str, Any]:
         if meta["attachment_id"] == attachment_id:
             return dict(meta)
     raise NotFound(f"no attachment {attachment_id} on draft {row.id}")
+
+
+def _invalid(field: str, message: str) -> ValidationFailed:
+    return ValidationFailed(f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+__all__ = ["DraftFields", "DraftService", "draft_key", "preview"]
