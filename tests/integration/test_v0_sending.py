@@ -89,6 +89,20 @@ async def test_labels_given_on_send_are_kept_on_the_agents_copy(
     assert _copy(runtime, row.message_id).labels == ["campaign", "q3"]
 
 
+@pytest.mark.parametrize("label", ["trash", "sent", " ", "x" * 300])
+async def test_a_label_the_message_cannot_carry_refuses_the_send_before_anything_is_sent(
+    runtime: Runtime, agent: AgentHandle, label: str
+) -> None:
+    set_tier(runtime, agent.agent_id, "open")
+    async with api_client(runtime) as client:
+        r = await _post(
+            client, agent.agent_key, f"{_inbox(agent)}/messages/send", {**MAIL, "labels": [label]}
+        )
+    assert r.status_code == 400, r.text
+    assert [e["field"] for e in r.json()["errors"]] == ["labels"]
+    assert _outbound_rows(runtime) == []
+
+
 async def test_a_send_blocked_by_the_tier_is_a_403_message_rejected_error_with_the_step_code(
     runtime: Runtime, agent: AgentHandle
 ) -> None:

@@ -258,6 +258,28 @@ async def test_a_name_with_any_non_public_address_is_not_posted_to(
     assert post.calls == [] and outcome.failed == 1 and outcome.acked == 0
 
 
+async def test_a_webhook_deleted_while_its_pusher_holds_it_gets_nothing_and_stays_gone(
+    runtime: Runtime, agent: AgentHandle
+) -> None:
+    post = Recorder()
+    async with api_client(runtime) as client:
+        made = await client.post("/v0/webhooks", json=HOOK, headers=auth(agent.owner_key))
+        deliver(runtime, agent, subject="before the delete")
+        [record] = runtime.webhooks.enabled()  # what the push worker listed a moment ago
+        gone = await client.delete(
+            f"/v0/webhooks/{made.json()['webhook_id']}", headers=auth(agent.owner_key)
+        )
+    assert gone.status_code == 204
+    engine = PushEngine(
+        runtime.db, runtime.feed, runtime.settings, runtime.clock, runtime.agentmail, post,
+        resolve=resolver(["93.184.216.34"]),
+    )  # fmt: skip
+    outcome = await engine.drain(record)
+    assert post.calls == [] and outcome.posted == 0
+    with runtime.db.read() as conn:  # its consumer was not recreated (at cursor 0)
+        assert conn.execute(select(consumers.c.name)).scalars().all() == []
+
+
 async def test_the_http_post_connects_to_the_pinned_address_and_names_the_host() -> None:
     with Receiver() as receiver:
         port = receiver.server.server_address[1]

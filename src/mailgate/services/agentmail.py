@@ -283,7 +283,7 @@ class AgentMailViews:
                 both lists, or more than :data:`MAX_LABELS` labels on the message.
         """
         principal.require(MESSAGES_WRITE)
-        add_set, remove_set = _label_changes(add, remove)
+        add_set, remove_set = label_changes(add, remove)
         row = self._message_row(conn, principal, message_id)
         stored = [str(label) for label in row.labels]
         updated = [label for label in stored if label not in remove_set]
@@ -308,6 +308,29 @@ class AgentMailViews:
             "message_id": public_message_id(row.rfc_message_id, row.id),
             "labels": _labels(row.direction, row.folder, updated),
         }
+
+    def label_sent_copy(
+        self, conn: Connection, message_id: str, add: Sequence[str], remove: Sequence[str]
+    ) -> None:
+        """Put the labels a send asked for (``labels`` on send, ``add_labels`` /
+        ``remove_labels`` on a draft's send) on the agent's copy of what it just sent.
+
+        The send checked who may act for the agent, and the edge checked the labels
+        with :func:`label_changes` before sending, so nothing is refused here after
+        the mail has gone. Idempotent (a replayed send applies them again); existing
+        labels keep their order, new ones follow as given. Run it in a write
+        transaction.
+        """
+        add_set, remove_set = label_changes(add, remove)
+        current = conn.execute(
+            select(messages.c.labels).where(messages.c.id == message_id)
+        ).scalar_one_or_none()
+        if current is None:
+            return
+        added = [label.strip() for label in add if label.strip() in add_set]
+        merged = [x for x in dict.fromkeys([*current, *added]) if x not in remove_set]
+        if merged != list(current):
+            conn.execute(messages.update().where(messages.c.id == message_id).values(labels=merged))
 
     # -- attachments ----------------------------------------------------------------------
 
@@ -827,8 +850,14 @@ def _decode_page_token(token: str) -> int:
         raise _invalid("page_token", "not a page token this listing handed out") from None
 
 
-def _label_changes(add: Sequence[str], remove: Sequence[str]) -> tuple[set[str], set[str]]:
+def label_changes(
+    add: Sequence[str],
+    remove: Sequence[str],
+    *,
+    fields: tuple[str, str] = ("add_labels", "remove_labels"),
+) -> tuple[set[str], set[str]]:
     """The stored labels to add and remove, ``read`` turned into ``unread``'s opposite.
+    ``fields`` name the two lists in errors.
 
     Raises:
         ValidationFailed: see :meth:`AgentMailViews.update_labels`.
@@ -836,8 +865,8 @@ def _label_changes(add: Sequence[str], remove: Sequence[str]) -> tuple[set[str],
     add_set: set[str] = set()
     remove_set: set[str] = set()
     for field, values, into, opposite in (
-        ("add_labels", add, add_set, remove_set),
-        ("remove_labels", remove, remove_set, add_set),
+        (fields[0], add, add_set, remove_set),
+        (fields[1], remove, remove_set, add_set),
     ):
         for raw in values:
             label = raw.strip()
@@ -850,7 +879,7 @@ def _label_changes(add: Sequence[str], remove: Sequence[str]) -> tuple[set[str],
             else:
                 into.add(label)
     if add_set & remove_set:
-        raise _invalid("add_labels", "a label cannot be both added and removed")
+        raise _invalid(fields[0], "a label cannot be both added and removed")
     return add_set, remove_set
 
 

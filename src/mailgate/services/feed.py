@@ -335,7 +335,8 @@ class FeedService:
     ) -> list[LeasedEvent]:
         """Lease up to ``limit`` deliverable events, oldest first, for ``lease_seconds``.
 
-        Creates the consumer on first use (cursor 0: it sees every retained event).
+        Creates the consumer on first use (cursor 0: it sees every retained event),
+        except a ``system`` one, which only its owner creates (none: nothing leased).
         Events whose delivery count has reached ``feed_max_deliveries`` are
         dead-lettered instead of leased, which unblocks the next event of their
         thread in the same call. An empty list means nothing is deliverable now.
@@ -353,7 +354,16 @@ class FeedService:
         now = self._clock.now()
         expires = now + timedelta(seconds=lease_seconds)
         with self._db.write() as conn:
-            consumer_id = self._claim_consumer(conn, workspace_id, scope, consumer, now)
+            if system:
+                # A system consumer is made by its owner (a webhook, at the newest
+                # event) and removed with it; recreating it here at cursor 0 would
+                # replay all history to a webhook deleted while it was being drained.
+                found = self._find_consumer(conn, workspace_id, scope, consumer)
+                if found is None:
+                    return []
+                consumer_id = found
+            else:
+                consumer_id = self._claim_consumer(conn, workspace_id, scope, consumer, now)
             leased = self._lease_rows(conn, consumer_id, now, expires, limit)
             if len(leased) < limit and self._has_room(conn, consumer_id):
                 row = self._lock_consumer(conn, consumer_id)

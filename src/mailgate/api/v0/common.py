@@ -77,16 +77,16 @@ def find_inbox(conn: Connection, principal: Principal, inbox_id: str) -> InboxRe
     return InboxRef(agent_id, principal.workspace_id, primary_address(conn, agent_id))
 
 
-def list_param(raw: str | None, field: str) -> list[str] | None:
-    """A list query parameter. AgentMail's SDK sends lists as one JSON-encoded value
-    (``labels=["unread","vip"]``); a bare string is taken as a one-item list, and a
-    comma-free plain value too, so curl users are not punished.
+def list_param(raw: str | None, field: str) -> tuple[str, ...]:
+    """A list query parameter (empty when absent). AgentMail's SDK sends lists as one
+    JSON-encoded value (``labels=["unread","vip"]``); a bare string is taken as a
+    one-item list, and a comma-free plain value too, so curl users are not punished.
 
     Raises:
         ValidationFailed: JSON that is not a list of strings.
     """
     if raw is None or raw == "":
-        return None
+        return ()
     text = raw.strip()
     if text.startswith("["):
         try:
@@ -95,8 +95,8 @@ def list_param(raw: str | None, field: str) -> list[str] | None:
             raise _invalid(field, "not valid JSON") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _invalid(field, "must be a JSON list of strings")
-        return [str(v) for v in value]
-    return [text]
+        return tuple(str(v) for v in value)
+    return (text,)
 
 
 def check_page_limit(limit: int) -> int:

@@ -32,7 +32,7 @@ from mailgate.api.v0.sending import SendAttachment, answer, decode_attachments, 
 from mailgate.domain.keys import Principal
 from mailgate.errors import NotSupported
 from mailgate.runtime import Runtime
-from mailgate.services.agentmail import iso
+from mailgate.services.agentmail import iso, label_changes
 from mailgate.services.drafts import DraftFields, DraftService, preview
 
 router = APIRouter(prefix="/v0")
@@ -199,7 +199,7 @@ def _listing(
         agent_id=agent_id,
         limit=limit,
         cursor=page_token,
-        labels=list_param(labels, "labels") or (),
+        labels=list_param(labels, "labels"),
         before=before,
         after=after,
         ascending=ascending,
@@ -324,6 +324,7 @@ async def send_draft(
     runtime: RuntimeDep,
 ) -> JSONResponse:
     body = await read_model(request, SendDraftRequest, runtime.settings)
+    label_changes(body.add_labels or (), body.remove_labels or ())  # refused before sending
     submitted = await run_in_threadpool(_service(runtime).send, principal, inbox.agent_id, draft_id)
     return await run_in_threadpool(
         answer, runtime, submitted, body.add_labels, body.remove_labels or ()

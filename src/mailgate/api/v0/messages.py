@@ -51,10 +51,6 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-def _strings(raw: str | None, field: str) -> tuple[str, ...]:
-    return tuple(list_param(raw, field) or ())
-
-
 @router.get("/inboxes/{inbox_id}/messages", tags=["v0 messages"])
 def list_messages(
     runtime: RuntimeDep,
@@ -76,16 +72,16 @@ def list_messages(
 ) -> dict[str, Any]:
     """``ListMessagesResponse``, newest first (or oldest first with ``ascending``)."""
     query = MessageQuery(
-        labels=_strings(labels, "labels"),
+        labels=list_param(labels, "labels"),
         before=before,
         after=after,
         ascending=ascending,
         include_spam=include_spam,
         include_blocked=include_blocked,
         include_trash=include_trash,
-        from_=_strings(from_, "from"),
-        to=_strings(to, "to"),
-        subject=_strings(subject, "subject"),
+        from_=list_param(from_, "from"),
+        to=list_param(to, "to"),
+        subject=list_param(subject, "subject"),
     )
     with runtime.db.read() as conn:
         return runtime.agentmail.list_messages(

@@ -39,7 +39,6 @@ from fastapi import APIRouter, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import select, update
 from starlette.concurrency import run_in_threadpool
 
 from mailgate.api.auth import PrincipalDep, RuntimeDep
@@ -51,8 +50,8 @@ from mailgate.domain.keys import Principal
 from mailgate.errors import IdempotencyKeyReused, PayloadTooLarge, ValidationFailed
 from mailgate.ingress.webhooks import read_body
 from mailgate.runtime import Runtime
+from mailgate.services.agentmail import label_changes
 from mailgate.services.outbound import Submitted
-from mailgate.store.schema import messages
 
 router = APIRouter(prefix="/v0")
 
@@ -235,7 +234,8 @@ def answer(
         return agentmail_error(403, code, reason, name="MessageRejectedError")
     message_id = body.get("message_id")
     if (labels or remove_labels) and message_id:
-        add_labels(runtime, str(message_id), labels or (), remove_labels)
+        with runtime.db.write() as conn:
+            runtime.agentmail.label_sent_copy(conn, str(message_id), labels or (), remove_labels)
     headers = {"Idempotent-Replayed": "true"} if submitted.replayed else {}
     return JSONResponse(
         {
@@ -244,23 +244,6 @@ def answer(
         },
         headers=headers,
     )
-
-
-def add_labels(
-    runtime: Runtime, message_id: str, labels: Sequence[str], remove: Sequence[str] = ()
-) -> None:
-    """Add ``labels`` to (and drop ``remove`` from) a stored message's labels, kept in
-    order without duplicates."""
-    with runtime.db.write() as conn:
-        current = conn.execute(
-            select(messages.c.labels).where(messages.c.id == message_id)
-        ).scalar_one_or_none()
-        if current is None:
-            return
-        added = (label.strip() for label in labels if label.strip())
-        merged = [x for x in dict.fromkeys([*current, *added]) if x not in set(remove)]
-        if merged != list(current):
-            conn.execute(update(messages).where(messages.c.id == message_id).values(labels=merged))
 
 
 def _draft(body: SendMessageRequest, settings: Settings) -> compose.Draft:
@@ -402,7 +385,9 @@ async def _run(
     runtime: Runtime, work: Callable[[], Submitted], labels: Sequence[str] | None
 ) -> JSONResponse:
     """Run the (blocking) outbound call off the loop and answer its decision; a key
-    reused with another body is AgentMail's ``409 ConflictError`` (ours is 422)."""
+    reused with another body is AgentMail's ``409 ConflictError`` (ours is 422). The
+    labels are checked first, so a bad one refuses the send instead of failing after."""
+    label_changes(labels or (), (), fields=("labels", "labels"))
     try:
         submitted = await run_in_threadpool(work)
     except IdempotencyKeyReused as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from mailgate.api.auth import PrincipalDep, RuntimeDep
 from mailgate.api.v0.common import (
@@ -33,30 +33,36 @@ LabelsQuery = Annotated[str | None, Query(description='JSON list, e.g. ["unread"
 ListQuery = Annotated[str | None, Query(description="JSON list of substrings.")]
 
 
-def _query(
-    labels: str | None,
-    before: datetime | None,
-    after: datetime | None,
-    ascending: bool,
-    include_spam: bool,
-    include_blocked: bool,
-    include_trash: bool,
-    senders: str | None,
-    recipients: str | None,
-    subject: str | None,
+def thread_query(
+    labels: LabelsQuery = None,
+    before: datetime | None = None,
+    after: datetime | None = None,
+    ascending: bool = False,
+    include_spam: bool = False,
+    include_blocked: bool = False,
+    include_unauthenticated: bool = False,
+    include_trash: bool = False,
+    senders: ListQuery = None,
+    recipients: ListQuery = None,
+    subject: ListQuery = None,
 ) -> ThreadQuery:
+    """The filters both thread listings take (``include_unauthenticated`` is accepted
+    for AgentMail clients and ignored: sender authentication never hides mail here)."""
     return ThreadQuery(
-        labels=tuple(list_param(labels, "labels") or ()),
+        labels=list_param(labels, "labels"),
         before=before,
         after=after,
         ascending=ascending,
         include_spam=include_spam,
         include_blocked=include_blocked,
         include_trash=include_trash,
-        senders=tuple(list_param(senders, "senders") or ()),
-        recipients=tuple(list_param(recipients, "recipients") or ()),
-        subject=tuple(list_param(subject, "subject") or ()),
+        senders=list_param(senders, "senders"),
+        recipients=list_param(recipients, "recipients"),
+        subject=list_param(subject, "subject"),
     )
+
+
+ThreadQueryDep = Annotated[ThreadQuery, Depends(thread_query)]
 
 
 def _list(
@@ -83,25 +89,11 @@ def list_inbox_threads(
     runtime: RuntimeDep,
     principal: PrincipalDep,
     inbox: InboxDep,
+    query: ThreadQueryDep,
     limit: LimitQuery = DEFAULT_LIMIT,
     page_token: PageTokenQuery = None,
-    labels: LabelsQuery = None,
-    before: datetime | None = None,
-    after: datetime | None = None,
-    ascending: bool = False,
-    include_spam: bool = False,
-    include_blocked: bool = False,
-    include_unauthenticated: bool = False,
-    include_trash: bool = False,
-    senders: ListQuery = None,
-    recipients: ListQuery = None,
-    subject: ListQuery = None,
 ) -> dict[str, Any]:
     """``ListThreadsResponse`` of one inbox, most recent activity first."""
-    query = _query(
-        labels, before, after, ascending, include_spam, include_blocked, include_trash,
-        senders, recipients, subject,
-    )  # fmt: skip
     return _list(runtime, principal, inbox.agent_id, query, limit, page_token)
 
 
@@ -148,25 +140,11 @@ def get_inbox_thread_attachment(
 def list_threads(
     runtime: RuntimeDep,
     principal: PrincipalDep,
+    query: ThreadQueryDep,
     limit: LimitQuery = DEFAULT_LIMIT,
     page_token: PageTokenQuery = None,
-    labels: LabelsQuery = None,
-    before: datetime | None = None,
-    after: datetime | None = None,
-    ascending: bool = False,
-    include_spam: bool = False,
-    include_blocked: bool = False,
-    include_unauthenticated: bool = False,
-    include_trash: bool = False,
-    senders: ListQuery = None,
-    recipients: ListQuery = None,
-    subject: ListQuery = None,
 ) -> dict[str, Any]:
     """``ListThreadsResponse`` across every inbox the key may see."""
-    query = _query(
-        labels, before, after, ascending, include_spam, include_blocked, include_trash,
-        senders, recipients, subject,
-    )  # fmt: skip
     return _list(runtime, principal, None, query, limit, page_token)
 
 
